@@ -1,0 +1,843 @@
+"""Deterministic, resumable (image, caption) training stream from webdataset shards or an image folder.
+
+Every random choice (epoch order, shuffle buffer, crop, flip, empty prompt) is drawn from numpy
+generators seeded by (seed, epoch, reader slot, sample index), so a stream restored from
+`TrainStream.state_dict()` yields bitwise the same batches as one that never stopped.
+"""
+
+import io
+import json
+import math
+import os
+import posixpath
+import tarfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+from webdataset.shardlists import expand_urls
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSIONS = ("txt", "json")
+# Only these tar members are ever read into memory; anything else (.pth, .pyd, .pickle, ...) is
+# dropped unread so no untrusted object is ever unpickled.
+DECODED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
+# PIL only tries the decoders of the formats we accept, which keeps exotic parsers out of reach.
+# (JPEG's opener also covers MPO, the multi-picture JPEG some cameras write.)
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+Image.init()  # Image.open(formats=...) looks decoders up without registering WEBP itself
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+SKIP_REASONS = (
+    "bad_image",
+    "missing_image",
+    "missing_caption",
+    "bad_caption",
+    "truncated_shard",
+    "bad_metadata",
+)
+# Counted next to the skip reasons, but the sample is kept.
+REENCODED = "caption_reencoded"
+METADATA_FILE = "metadata.jsonl"
+PREFETCH_FACTOR = 2
+
+
+@dataclass
+class DataSpec:
+    """Where the training pairs come from and how they are shaped; names follow the diffusers flags."""
+
+    train_shards_path_or_url: Optional[str] = None
+    train_data_dir: Optional[str] = None
+    resolution: int = 512
+    interpolation_type: str = "bilinear"
+    center_crop: bool = False
+    random_flip: bool = False
+    proportion_empty_prompts: float = 0.0
+    max_train_samples: Optional[int] = None
+    train_batch_size: int = 16
+    dataloader_num_workers: int = 0
+    shuffle_buffer_size: int = 1000
+    image_column: str = "file_name"
+    caption_column: str = "text"
+    seed: int = 0
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message names the flag or file and the fix."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def readers_per_rank(spec: DataSpec) -> int:
+    """Logical readers per process: the main process counts as one when there are no workers."""
+    return max(1, spec.dataloader_num_workers)
+
+
+def expand_shard_urls(pattern: str) -> list:
+    """Shard urls of a '::'-joined list of brace patterns (webdataset's convention)."""
+    return [url for url in expand_urls(pattern) if url.strip()]
+
+
+def _is_local(url: str) -> bool:
+    """True for plain paths and file: urls, which can be checked and opened without gopen."""
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") and not url.startswith("pipe:")
+
+
+def _local_path(url: str) -> str:
+    """Filesystem path of a plain path or file: url."""
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def _is_image_file(name: str) -> bool:
+    """Image file by extension, case-insensitive."""
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
+
+
+def _has_image(root: str) -> bool:
+    """Whether the folder holds at least one image anywhere below it; stops at the first."""
+    for _, _, names in os.walk(root):
+        if any(_is_image_file(name) for name in names):
+            return True
+    return False
+
+
+def _check_numbers(spec: DataSpec) -> None:
+    """Range checks of the numeric flags and the interpolation name."""
+    if spec.resolution <= 0:
+        raise DataError(f"--resolution must be > 0, got {spec.resolution}")
+    if spec.train_batch_size <= 0:
+        raise DataError(f"--train_batch_size must be > 0, got {spec.train_batch_size}")
+    if spec.dataloader_num_workers < 0:
+        raise DataError(f"--dataloader_num_workers must be >= 0, got {spec.dataloader_num_workers}")
+    if not 0.0 <= spec.proportion_empty_prompts <= 1.0:
+        raise DataError(f"--proportion_empty_prompts must be in [0, 1], got {spec.proportion_empty_prompts}")
+    if spec.max_train_samples is not None and spec.max_train_samples <= 0:
+        raise DataError(f"--max_train_samples must be > 0 or unset, got {spec.max_train_samples}")
+    if spec.shuffle_buffer_size < 0:
+        raise DataError(f"--shuffle_buffer_size must be >= 0, got {spec.shuffle_buffer_size}")
+    if spec.interpolation_type.lower() not in INTERPOLATIONS:
+        names = "|".join(INTERPOLATIONS)
+        raise DataError(f"--interpolation_type: unknown filter '{spec.interpolation_type}'; use one of {names}")
+
+
+def _check_shards(pattern: str) -> None:
+    """Every local shard named by the pattern exists; pipe: and remote urls are not checked."""
+    urls = expand_shard_urls(pattern)
+    if not urls:
+        raise DataError(f"--train_shards_path_or_url: '{pattern}' expands to no shards")
+    missing = [url for url in urls if _is_local(url) and not os.path.isfile(_local_path(url))]
+    if missing:
+        raise DataError(
+            f"--train_shards_path_or_url: shard file '{missing[0]}' does not exist "
+            f"({len(missing)} of {len(urls)} expanded shards missing); check the path and the brace range"
+        )
+
+
+def _check_folder(root: str) -> None:
+    """The folder exists and holds at least one image."""
+    if not os.path.isdir(root):
+        raise DataError(f"--train_data_dir: folder '{root}' does not exist; point it at a folder of images")
+    if not _has_image(root):
+        extensions = "/".join(f".{ext}" for ext in IMAGE_EXTENSIONS)
+        raise DataError(
+            f"--train_data_dir: folder '{root}' holds no images ({extensions}); point it at a folder of "
+            f"images with captions in {METADATA_FILE} or in a .txt file next to each image"
+        )
+
+
+def check_data_spec(spec: DataSpec) -> None:
+    """Cheap validation before any heavy loading; raises DataError naming the flag and the fix."""
+    has_shards, has_folder = bool(spec.train_shards_path_or_url), bool(spec.train_data_dir)
+    if has_shards and has_folder:
+        raise DataError("--train_shards_path_or_url and --train_data_dir are both set; pass only one of them")
+    if not has_shards and not has_folder:
+        raise DataError("no training data: pass --train_shards_path_or_url (webdataset shards) or --train_data_dir")
+    _check_numbers(spec)
+    if has_shards:
+        _check_shards(spec.train_shards_path_or_url)
+    else:
+        _check_folder(spec.train_data_dir)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class SkipSample(Exception):
+    """A raw sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def text_caption(data: bytes) -> tuple:
+    """(caption, reencoded): UTF-8 (BOM allowed), falling back to latin-1, which never fails."""
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), True
+
+
+def json_caption(data: bytes):
+    """The "caption" field of a JSON object, else its "text" field; None when neither is there."""
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise SkipSample("bad_caption") from None
+    if not isinstance(record, dict):
+        raise SkipSample("bad_caption")
+    return record.get("caption", record.get("text"))
+
+
+def checked_caption(caption) -> str:
+    """The caption stripped of surrounding whitespace; skip when absent, empty or not text."""
+    if caption is None:
+        raise SkipSample("missing_caption")
+    if not isinstance(caption, str):
+        raise SkipSample("bad_caption")
+    caption = caption.strip()
+    if not caption:
+        raise SkipSample("missing_caption")
+    return caption
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit grey to 8-bit RGB by the value range of the type, so bright pixels are not clipped."""
+    values = np.asarray(image).astype(np.float64)
+    # I;16 is 16-bit by definition; I and F carry no depth, so take 16-bit when values exceed 8-bit.
+    top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of any PIL mode; transparency is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_bit_depth_to_rgb(image)
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: Optional[bytes]) -> Image.Image:
+    """Fully decoded RGB image, or SkipSample("bad_image") for empty, corrupt, truncated or bomb bytes."""
+    if not data:
+        raise SkipSample("bad_image")
+    try:
+        # No `with`: closing would invalidate an RGB image that to_rgb returns as it is.
+        image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        image.load()  # decoding happens here, so truncation is caught here
+        return to_rgb(image)
+    except Exception:
+        # PIL raises OSError, ValueError, SyntaxError, struct.error, DecompressionBombError, ...
+        # for bad bytes; any of them only means this one sample is unusable.
+        raise SkipSample("bad_image") from None
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+@dataclass
+class Transform:
+    """Resize the shorter side to `resolution`, crop a square, maybe flip, maybe empty the caption."""
+
+    resolution: int
+    resample: int
+    center_crop: bool
+    random_flip: bool
+    proportion_empty_prompts: float
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec) -> "Transform":
+        """Transform configured by the data flags."""
+        resample = INTERPOLATIONS[spec.interpolation_type.lower()]
+        return cls(spec.resolution, resample, spec.center_crop, spec.random_flip, spec.proportion_empty_prompts)
+
+    def resized_size(self, width: int, height: int) -> tuple:
+        """(width, height) after scaling the shorter side to the resolution."""
+        scale = self.resolution / min(width, height)
+        return max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
+
+    def __call__(self, image: Image.Image, caption: str, rng: np.random.Generator) -> dict:
+        """One training example: pixels in [-1, 1] CHW, caption, original (h, w), crop (top, left)."""
+        size = self.resolution
+        width, height = image.size
+        resized_width, resized_height = self.resized_size(width, height)
+        # Always draw the same four numbers so the flags do not shift each other's randomness.
+        crop_top_draw, crop_left_draw, flip_draw, empty_draw = rng.random(4)
+        if self.center_crop:
+            top, left = (resized_height - size) // 2, (resized_width - size) // 2
+        else:
+            top = int(crop_top_draw * (resized_height - size + 1))
+            left = int(crop_left_draw * (resized_width - size + 1))
+        # Resizing only the crop box (in source coordinates) equals resize-then-crop without
+        # allocating the whole resized image, which matters for extreme aspect ratios.
+        x_scale, y_scale = width / resized_width, height / resized_height
+        box = (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
+        crop = image.resize((size, size), self.resample, box=box)
+        if self.random_flip and flip_draw < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if empty_draw < self.proportion_empty_prompts:
+            caption = ""
+        pixels = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+            "caption": caption,
+            "original_size": (height, width),
+            "crop_top_left": (top, left),
+        }
+
+
+def collate(examples: list) -> dict:
+    """Batch dict of stacked examples."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "captions": [example["caption"] for example in examples],
+        "original_sizes": torch.tensor([example["original_size"] for example in examples], dtype=torch.int64),
+        "crop_top_lefts": torch.tensor([example["crop_top_left"] for example in examples], dtype=torch.int64),
+    }
+
+
+def sample_rng(seed: int, epoch: int, slot: int, index: int) -> np.random.Generator:
+    """Per-sample generator: a replay of the same sample draws the same crop, flip and prompt drop."""
+    return np.random.default_rng([seed, epoch, slot, index])
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def list_images(root: str) -> list:
+    """Relative posix paths of all images below root, sorted."""
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories.sort()
+        relative_dir = os.path.relpath(directory, root)
+        for name in names:
+            if _is_image_file(name):
+                path = name if relative_dir == "." else os.path.join(relative_dir, name)
+                found.append(path.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _normalised_relative(path: str) -> str:
+    """metadata.jsonl path in the form list_images returns (posix, no './')."""
+    return posixpath.normpath(path.replace("\\", "/"))
+
+
+def read_metadata(path: str, image_column: str, caption_column: str) -> tuple:
+    """({relative image path: raw caption value}, number of malformed lines) from a metadata.jsonl."""
+    captions, malformed = {}, 0
+    with open(path, "rb") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get(image_column), str):
+                malformed += 1
+                continue
+            captions[_normalised_relative(record[image_column])] = record.get(caption_column)
+    return captions, malformed
+
+
+class FolderSource:
+    """Images below a folder with captions from metadata.jsonl or sidecar .txt files."""
+
+    flag = "--train_data_dir"
+
+    def __init__(self, spec: DataSpec, count_listing: bool):
+        self.root = spec.train_data_dir
+        self.items = list_images(self.root)
+        if spec.max_train_samples is not None:
+            self.items = self.items[: spec.max_train_samples]
+        self.metadata_captions = None
+        # Listing problems are global, so only one process reports them.
+        self.listing_counts = Counter()
+        metadata_path = os.path.join(self.root, METADATA_FILE)
+        if os.path.isfile(metadata_path):
+            self.metadata_captions, malformed = read_metadata(
+                metadata_path, spec.image_column, spec.caption_column
+            )
+            if count_listing and malformed:
+                self.listing_counts["bad_metadata"] = malformed
+
+    @property
+    def description(self) -> str:
+        """Where the samples come from, for messages."""
+        return f"{self.flag} '{self.root}'"
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Global samples per epoch."""
+        return len(self.items)
+
+    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list):
+        """(index, item number) of this reader's share of the epoch permutation, from `start`."""
+        permutation = np.random.default_rng([seed, epoch]).permutation(len(self.items))
+        share = permutation[slot::num_readers]
+        for index in range(start, len(share)):
+            yield index, int(share[index])
+
+    def _caption_bytes_or_value(self, relative: str):
+        """Raw caption: a metadata value, sidecar .txt bytes, or None."""
+        if self.metadata_captions is not None:
+            return self.metadata_captions.get(relative)
+        sidecar = os.path.join(self.root, os.path.splitext(relative)[0] + ".txt")
+        if not os.path.isfile(sidecar):
+            return None
+        with open(sidecar, "rb") as file:
+            return file.read()
+
+    def decode(self, item: int) -> tuple:
+        """(RGB image, caption, reencoded) of one item, or SkipSample."""
+        relative = self.items[item]
+        raw_caption = self._caption_bytes_or_value(relative)
+        reencoded = False
+        if isinstance(raw_caption, bytes):
+            raw_caption, reencoded = text_caption(raw_caption)
+        caption = checked_caption(raw_caption)
+        try:
+            with open(os.path.join(self.root, relative), "rb") as file:
+                image_bytes = file.read()
+        except FileNotFoundError:
+            raise SkipSample("missing_image") from None
+        except OSError:
+            raise SkipSample("bad_image") from None
+        return decode_image(image_bytes), caption, reencoded
+
+
+# ----------------------------------------------------------------------------- webdataset shards
+
+# Stands in the raw sample stream where a shard could not be read to its end.
+SHARD_DAMAGED = "truncated_shard"
+
+
+def member_key_and_extension(name: str) -> tuple:
+    """(key, lowercased extension) of a tar member: key is the path up to the basename's first '.'."""
+    directory, basename = posixpath.split(name)
+    if "." not in basename:
+        return None, None
+    stem, extension = basename.split(".", 1)
+    return posixpath.join(directory, stem), extension.lower()
+
+
+def _open_shard(url: str):
+    """Binary stream of a shard: local files directly, everything else (pipe:, http:, ...) via gopen."""
+    if _is_local(url):
+        return open(_local_path(url), "rb")
+    return gopen(url, "rb")
+
+
+def _close_quietly(stream) -> None:
+    """Close a shard stream; a pipe we stopped reading early exits non-zero, which is expected."""
+    try:
+        stream.close()
+    except Exception:
+        pass
+
+
+def read_shard(url: str) -> Iterator:
+    """Raw samples {"__key__", ext: bytes} of one tar, then SHARD_DAMAGED if it breaks off early."""
+    try:
+        stream = _open_shard(url)
+    except Exception:
+        yield SHARD_DAMAGED
+        return
+    key, sample = None, None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, extension = member_key_and_extension(member.name)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    if sample is not None:
+                        yield sample
+                    key, sample = member_key, {"__key__": member_key}
+                if extension in DECODED_EXTENSIONS:
+                    sample[extension] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        # The sample being read when the damage hit may be incomplete, so it is dropped with it.
+        yield SHARD_DAMAGED
+    finally:
+        _close_quietly(stream)
+
+
+def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Approximate shuffle through a buffer of `size` samples, drawn from `rng` only."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        pick = int(rng.integers(len(buffer)))
+        yield buffer[pick]
+        buffer[pick] = sample
+    while buffer:
+        pick = int(rng.integers(len(buffer)))
+        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+        yield buffer.pop()
+
+
+def decode_shard_sample(sample: dict) -> tuple:
+    """(RGB image, caption, reencoded) of one raw tar sample, or SkipSample."""
+    image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if image_bytes is None:
+        raise SkipSample("missing_image")
+    reencoded = False
+    if "txt" in sample:
+        raw_caption, reencoded = text_caption(sample["txt"])
+    elif "json" in sample:
+        raw_caption = json_caption(sample["json"])
+    else:
+        raw_caption = None
+    caption = checked_caption(raw_caption)
+    return decode_image(image_bytes), caption, reencoded
+
+
+class ShardSource:
+    """Samples of webdataset tar shards, split between readers by shard or by sample index."""
+
+    flag = "--train_shards_path_or_url"
+
+    def __init__(self, spec: DataSpec):
+        self.pattern = spec.train_shards_path_or_url
+        self.urls = expand_shard_urls(self.pattern)
+        self.buffer_size = spec.shuffle_buffer_size
+        self.max_train_samples = spec.max_train_samples
+        self.listing_counts = Counter()
+
+    @property
+    def description(self) -> str:
+        """Where the samples come from, for messages."""
+        return f"{self.flag} '{self.pattern}'"
+
+    @property
+    def samples_per_epoch(self) -> Optional[int]:
+        """Global samples per epoch: only known when max_train_samples sets it."""
+        return self.max_train_samples
+
+    def _reader_raw_samples(self, epoch_urls: list, slot: int, num_readers: int, events: list) -> Iterator:
+        """This reader's raw samples in read order; damage owned by this reader goes to `events`."""
+        if len(epoch_urls) >= num_readers:
+            for url in epoch_urls[slot::num_readers]:
+                for sample in read_shard(url):
+                    if sample is SHARD_DAMAGED:
+                        events.append(SHARD_DAMAGED)
+                    else:
+                        yield sample
+            return
+        # Too few shards to split: every reader reads all of them and keeps every num_readers-th
+        # sample; a damage is counted by the one reader whose turn it interrupts.
+        global_index = 0
+        for url in epoch_urls:
+            for sample in read_shard(url):
+                if sample is SHARD_DAMAGED:
+                    if global_index % num_readers == slot:
+                        events.append(SHARD_DAMAGED)
+                    continue
+                if global_index % num_readers == slot:
+                    yield sample
+                global_index += 1
+
+    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list):
+        """(index, raw sample) after the shuffle buffer from `start`; earlier ones are replayed undecoded."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.urls))
+        epoch_urls = [self.urls[i] for i in order]
+        raw = self._reader_raw_samples(epoch_urls, slot, num_readers, events)
+        shuffled = shuffle_buffer(raw, self.buffer_size, np.random.default_rng([seed, epoch, slot]))
+        if self.max_train_samples is not None:
+            shuffled = islice(shuffled, math.ceil(self.max_train_samples / num_readers))
+        for index, sample in enumerate(shuffled):
+            if index < start:
+                # Damage read while replaying up to the checkpoint was already counted before it.
+                events.clear()
+                continue
+            yield index, sample
+
+    def decode(self, sample: dict) -> tuple:
+        """(RGB image, caption, reencoded) of one raw sample, or SkipSample."""
+        return decode_shard_sample(sample)
+
+
+def build_source(spec: DataSpec, rank: int):
+    """The folder or shard source the spec names."""
+    if spec.train_data_dir:
+        return FolderSource(spec, count_listing=rank == 0)
+    return ShardSource(spec)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _format_counts(counts: Counter) -> str:
+    """'bad_image: 3, missing_caption: 1' in a stable order."""
+    return ", ".join(f"{reason}: {counts[reason]}" for reason in sorted(counts)) or "none"
+
+
+def _empty_epoch_error(source, slot: int, num_readers: int, epoch: int) -> DataError:
+    """Error for a reader whose epoch has no raw samples at all."""
+    return DataError(
+        f"{source.description}: reader {slot} of {num_readers} got no samples in epoch {epoch}: the dataset "
+        f"has fewer samples/shards than the {num_readers} readers (processes x max(1, --dataloader_num_workers)); "
+        f"lower --dataloader_num_workers or the number of processes, or add data"
+    )
+
+
+def _unusable_epoch_error(source, slot: int, epoch: int, counts: Counter) -> DataError:
+    """Error for a reader whose whole epoch was rejected."""
+    skipped = sum(counts[reason] for reason in counts if reason != REENCODED)
+    return DataError(
+        f"no usable samples in {source.description} (reader {slot}, epoch {epoch}): {skipped} skipped "
+        f"({_format_counts(counts)}); check the images and captions of the dataset"
+    )
+
+
+@dataclass
+class ReaderSetup:
+    """What one logical reader needs to produce its batches."""
+
+    source: object
+    transform: Transform
+    seed: int
+    slot: int
+    num_readers: int
+    batch_size: int
+    logical_worker: int
+    start_epoch: int
+    start_index: int
+    skipped: dict
+
+
+def _count(counters: tuple, reason: str) -> None:
+    """Add one occurrence of `reason` to every counter (cumulative and this epoch's)."""
+    for counter in counters:
+        counter[reason] += 1
+
+
+def _record_events(events: list, counters: tuple) -> None:
+    """Move pending source events (shard damage) into the counters."""
+    for reason in events:
+        _count(counters, reason)
+    events.clear()
+
+
+def _decode_counted(source, raw, counters: tuple) -> Optional[tuple]:
+    """(RGB image, caption) of a raw sample, or None after counting why it was skipped."""
+    try:
+        image, caption, reencoded = source.decode(raw)
+    except SkipSample as skip:
+        _count(counters, skip.reason)
+        return None
+    if reencoded:
+        _count(counters, REENCODED)
+    return image, caption
+
+
+def _check_full_epoch(setup: ReaderSetup, epoch: int, raw_count: int, usable: int, epoch_counts: Counter) -> None:
+    """Fail instead of looping forever when a reader's whole epoch is empty or unusable."""
+    if raw_count == 0 and not epoch_counts:
+        raise _empty_epoch_error(setup.source, setup.slot, setup.num_readers, epoch)
+    if usable == 0:
+        raise _unusable_epoch_error(setup.source, setup.slot, epoch, epoch_counts)
+
+
+def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
+    """Infinite batches of one reader, each carrying its position and cumulative skip counts."""
+    skipped = Counter(setup.skipped)
+    epoch, start = setup.start_epoch, setup.start_index
+    examples = []
+    while True:
+        epoch_counts, events, raw_count, usable = Counter(), [], 0, 0
+        counters = (skipped, epoch_counts)
+        for index, raw in setup.source.iter_epoch(setup.seed, epoch, setup.slot, setup.num_readers, start, events):
+            _record_events(events, counters)
+            raw_count += 1
+            decoded = _decode_counted(setup.source, raw, counters)
+            if decoded is None:
+                continue
+            usable += 1
+            examples.append(setup.transform(*decoded, sample_rng(setup.seed, epoch, setup.slot, index)))
+            if len(examples) == setup.batch_size:
+                batch = collate(examples)
+                meta = {"worker": setup.logical_worker, "epoch": epoch, "emitted": index + 1}
+                batch["_meta"] = {**meta, "skipped": dict(skipped)}
+                yield batch
+                examples = []
+        _record_events(events, counters)
+        # Only a reader that saw the epoch from its start can tell it is empty or all bad.
+        if start == 0:
+            _check_full_epoch(setup, epoch, raw_count, usable, epoch_counts)
+        epoch, start = epoch + 1, 0
+
+
+class ReaderDataset(IterableDataset):
+    """The rank's readers as a DataLoader dataset; each worker forms whole batches of its reader."""
+
+    def __init__(self, source, spec: DataSpec, seed: int, rank: int, world_size: int, rotation: int,
+                 positions: list, skipped: list):
+        self.source = source
+        self.transform = Transform.from_spec(spec)
+        self.batch_size = spec.train_batch_size
+        self.workers = readers_per_rank(spec)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.rotation = rotation
+        self.positions = positions
+        self.skipped = skipped
+
+    def _setup(self, physical_worker: int) -> ReaderSetup:
+        """Reader of a physical worker: rotated so the worker asked first continues the saved order."""
+        logical = (physical_worker + self.rotation) % self.workers
+        epoch, index = self.positions[logical]
+        return ReaderSetup(
+            source=self.source,
+            transform=self.transform,
+            seed=self.seed,
+            slot=self.rank * self.workers + logical,
+            num_readers=self.world_size * self.workers,
+            batch_size=self.batch_size,
+            logical_worker=logical,
+            start_epoch=epoch,
+            start_index=index,
+            skipped=self.skipped[logical],
+        )
+
+    def __iter__(self):
+        worker_info = get_worker_info()
+        setup = self._setup(worker_info.id if worker_info is not None else 0)
+        try:
+            yield from reader_batches(setup)
+        except DataError as error:
+            # Sent as an item: DataLoader would otherwise re-raise it wrapped in a worker traceback.
+            yield {"_error": str(error)}
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+class TrainStream:
+    """Infinite stream of training batches for one process; resumable through state_dict()."""
+
+    def __init__(self, spec: DataSpec, rank: int = 0, world_size: int = 1):
+        check_data_spec(spec)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.spec = spec
+        self.rank, self.world_size = rank, world_size
+        self.seed = spec.seed
+        self.num_workers = readers_per_rank(spec)
+        self._source = build_source(spec, rank)
+        self.samples_per_epoch = self._source.samples_per_epoch
+        self._positions = [[0, 0] for _ in range(self.num_workers)]
+        self._skipped = [{} for _ in range(self.num_workers)]
+        self._batches_consumed = 0
+        self._epoch = 0
+
+    @property
+    def skipped(self) -> dict:
+        """Cumulative counts by reason on this rank (its workers summed), caption_reencoded included."""
+        total = Counter(self._source.listing_counts)
+        for counts in self._skipped:
+            total.update(counts)
+        return {reason: total[reason] for reason in sorted(total) if total[reason]}
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the most recently yielded batch."""
+        return self._epoch
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of every logical worker after the last consumed batch."""
+        return {
+            "seed": int(self.seed),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batches_consumed": self._batches_consumed,
+            "positions": [list(position) for position in self._positions],
+            "skipped": [dict(counts) for counts in self._skipped],
+            "epoch": self._epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; call before iterating. The saved seed wins over spec.seed."""
+        if state["world_size"] != self.world_size:
+            raise DataError(
+                f"the data position cannot be restored: the checkpoint ran on {state['world_size']} processes, "
+                f"this run on {self.world_size}; resume with the same number of processes"
+            )
+        if state["num_workers"] != self.num_workers:
+            raise DataError(
+                f"the data position cannot be restored: --dataloader_num_workers changed (the checkpoint used "
+                f"{state['num_workers']} data reader(s) per process, this run {self.num_workers}; 0 and 1 workers "
+                f"both mean one); resume with the checkpoint's value"
+            )
+        if state.get("rank", self.rank) != self.rank:
+            raise DataError(
+                f"the data position cannot be restored: the state belongs to rank {state['rank']}, "
+                f"not rank {self.rank}; save and load one data state per process"
+            )
+        self.seed = int(state["seed"])
+        self._positions = [[int(epoch), int(index)] for epoch, index in state["positions"]]
+        self._skipped = [{str(k): int(v) for k, v in counts.items()} for counts in state["skipped"]]
+        self._batches_consumed = int(state["batches_consumed"])
+        self._epoch = int(state.get("epoch", min(epoch for epoch, _ in self._positions)))
+
+    def _loader(self) -> DataLoader:
+        """DataLoader whose workers continue from the recorded positions."""
+        dataset = ReaderDataset(
+            self._source, self.spec, self.seed, self.rank, self.world_size,
+            rotation=self._batches_consumed % self.num_workers,
+            positions=[list(position) for position in self._positions],
+            skipped=[dict(counts) for counts in self._skipped],
+        )
+        workers = self.spec.dataloader_num_workers
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches without end; a second iteration continues where the first stopped."""
+        for batch in self._loader():
+            if "_error" in batch:
+                raise DataError(batch["_error"])
+            meta = batch.pop("_meta")
+            worker = meta["worker"]
+            self._positions[worker] = [meta["epoch"], meta["emitted"]]
+            self._skipped[worker] = meta["skipped"]
+            self._batches_consumed += 1
+            self._epoch = meta["epoch"]
+            yield batch

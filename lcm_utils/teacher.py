@@ -1,0 +1,86 @@
+"""Loading the teacher (from a local diffusers folder or a Hub id), prompt/image encoding, the student.
+
+Paths and ids are passed through to `from_pretrained` unchanged, so a local folder loads exactly as
+the same model would from the Hub.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import teacher_revision
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of a Stable Diffusion teacher."""
+
+    noise_scheduler: object  # DDPMScheduler: alphas_cumprod, num_train_timesteps, prediction_type
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+
+    @property
+    def prediction_type(self):
+        return self.noise_scheduler.config.prediction_type
+
+
+def load_teacher(args, device, weight_dtype):
+    """Load scheduler, tokenizer, text encoder, VAE and UNet, frozen; dtypes as described in the README."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
+    path = args.pretrained_teacher_model
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **src)
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **src)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **src)
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        vae_dtype = weight_dtype  # a user-supplied VAE is there to be numerically safe in half precision
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **src)
+        vae_dtype = torch.float32  # SD's own VAE overflows in fp16
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **src)
+    # The UNet stays fp32 here: the student is copied from it first; cast_teacher_unet applies afterwards.
+    for module, dtype in ((text_encoder, weight_dtype), (vae, vae_dtype), (unet, torch.float32)):
+        module.requires_grad_(False).eval().to(device, dtype=dtype)
+    return Teacher(noise_scheduler, tokenizer, text_encoder, vae, unet)
+
+
+@torch.no_grad()
+def encode_prompts(teacher, captions):
+    """Captions (list of B str) -> text embeddings [B, 77, D] (CLIP last hidden state, as SD 1.x/2.x use)."""
+    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    return teacher.text_encoder(ids.to(teacher.text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_images(teacher, pixel_values, chunk_size, generator=None):
+    """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, 4, H/f, W/f] (a posterior sample)."""
+    vae = teacher.vae
+    latents = []
+    for chunk in pixel_values.split(chunk_size):
+        dist = vae.encode(chunk.to(vae.device, dtype=vae.dtype)).latent_dist
+        latents.append(dist.sample(generator=generator))
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+def build_student(teacher_unet, time_cond_proj_dim):
+    """Student UNet = teacher weights + a w-embedding projection that starts at zero (student == teacher)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(teacher_unet.config)
+    if config.get("time_cond_proj_dim") is None:
+        config["time_cond_proj_dim"] = time_cond_proj_dim
+    student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj.") for k in missing):
+        raise RuntimeError(f"teacher and student UNet differ beyond cond_proj: {missing[:4]} {unexpected[:4]}")
+    if missing:
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        if student.time_embedding.cond_proj.bias is not None:
+            torch.nn.init.zeros_(student.time_embedding.cond_proj.bias)
+    return student.to(dtype=torch.float32)

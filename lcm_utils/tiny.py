@@ -1,0 +1,142 @@
+"""Tiny Stable Diffusion teachers and toy datasets, built in code so tests and the demo run offline.
+
+The teacher is saved in the diffusers folder layout (model_index.json, scheduler/, tokenizer/,
+text_encoder/, vae/, unet/), so the trainer loads it through exactly the path a real SD checkpoint takes.
+"""
+
+import argparse
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# SD 2.x ships a DDIMScheduler with this schedule; clip_sample False as SD ships it,
+# otherwise DDPM/DDIM schedulers would clip x0 to [-1, 1].
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, trained_betas=None,
+)
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle")
+
+
+def byte_symbols():
+    """GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to chr(256 + n)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def clip_char_vocab():
+    """514-token character-level CLIP vocabulary: byte symbols, the same with </w>, then BOS/EOS."""
+    symbols = list(byte_symbols().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_proj_dim=None):
+    """Save a randomly initialised SD-style teacher (UNet 32/64 wide, 2-layer CLIP, 2-level VAE) to out_dir."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok_dir = os.path.join(out_dir, "_tok")
+    os.makedirs(tok_dir, exist_ok=True)
+    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+        json.dump(clip_char_vocab(), f)
+    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                              model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=32))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, time_cond_proj_dim=time_cond_proj_dim)
+    scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in os.listdir(tok_dir):
+        os.remove(os.path.join(tok_dir, name))
+    os.rmdir(tok_dir)
+    return out_dir
+
+
+def toy_sample(index, size=32):
+    """A deterministic (image, caption) pair: a coloured shape on a light background."""
+    rng = np.random.default_rng(index)
+    color = list(COLORS)[index % len(COLORS)]
+    shape = SHAPES[(index // len(COLORS)) % len(SHAPES)]
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    lo, hi = int(rng.integers(2, size // 4)), int(rng.integers(3 * size // 4, size - 2))
+    (draw.rectangle if shape == "square" else draw.ellipse)([lo, lo, hi, hi], fill=COLORS[color])
+    return img, f"a {color} {shape}"
+
+
+def build_image_folder(out_dir, num_images=16, size=32, captions="metadata"):
+    """Write an image folder with captions in metadata.jsonl (HF imagefolder) or in .txt files."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for i in range(num_images):
+        img, caption = toy_sample(i, size)
+        name = f"{i:05d}.png"
+        img.save(os.path.join(out_dir, name))
+        if captions == "txt":
+            with open(os.path.join(out_dir, f"{i:05d}.txt"), "w") as f:
+                f.write(caption)
+        rows.append({"file_name": name, "text": caption})
+    if captions == "metadata":
+        with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out_dir
+
+
+def build_wds_shards(out_dir, num_shards=2, per_shard=8, size=32):
+    """Write webdataset shards {00000..} holding .jpg + .txt samples; returns the brace pattern."""
+    os.makedirs(out_dir, exist_ok=True)
+    for s in range(num_shards):
+        with tarfile.open(os.path.join(out_dir, f"{s:05d}.tar"), "w") as tar:
+            for j in range(per_shard):
+                img, caption = toy_sample(s * per_shard + j, size)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{j:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return os.path.join(out_dir, "{%05d..%05d}.tar" % (0, num_shards - 1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Build a tiny SD teacher and a toy dataset for offline runs.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--num_images", type=int, default=64)
+    args = parser.parse_args()
+    build_tiny_teacher(os.path.join(args.out_dir, "teacher"), args.prediction_type)
+    build_image_folder(os.path.join(args.out_dir, "images"), args.num_images)
+    print(os.path.join(args.out_dir, "teacher"), os.path.join(args.out_dir, "images"))
+
+
+if __name__ == "__main__":
+    main()

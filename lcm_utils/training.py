@@ -1,0 +1,445 @@
+"""The one training loop both scripts share: setup, the step, checkpoint/resume, validation, logging, export.
+
+What differs between full distillation and LCM-LoRA lives in a `DistillationMethod` subclass in each script.
+"""
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
+from .data import DataError, DataSpec, TrainStream, check_data_spec
+from .objective import SolverSchedule, lcd_loss
+from .teacher import encode_images, encode_prompts, load_teacher
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of a cat sitting on a windowsill",
+    "a watercolor painting of a lighthouse at sunset",
+    "a red sports car on a mountain road",
+    "a bowl of fruit on a wooden table",
+]
+SKIP_LOG_EVERY = 50  # optimizer steps between logged skipped-sample counts (they need a gather)
+
+
+class DistillationMethod:
+    """What a script defines: how the student and target are built, what trains, how results are saved."""
+
+    name = "base"
+    guidance_embedding_dim = None  # set when the student takes a w-embedding
+
+    @staticmethod
+    def add_flags(parser):
+        """Flags only this method takes."""
+
+    foreign_flags = ()  # the other script's flags, rejected with a pointer to it
+    foreign_script = None
+
+    def check_args(self, args):
+        """Reject flag values that make no sense for this method (ConfigError)."""
+
+    def build(self, teacher, args):
+        """Set self.student (trainable, fp32) and whatever the target needs."""
+        raise NotImplementedError
+
+    def unets(self):
+        """Every UNet the run holds (for attention backends)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def student_forward(self, z, t, cond, w):
+        raise NotImplementedError
+
+    def teacher_forward(self, z, t, cond):
+        raise NotImplementedError
+
+    def target_forward(self, z, t, cond, w):
+        raise NotImplementedError
+
+    def update_target(self):
+        """Called after every optimizer step (EMA)."""
+
+    def save_state(self, folder):
+        raise NotImplementedError
+
+    def load_state(self, folder):
+        raise NotImplementedError
+
+    def export(self, output_dir):
+        """Write the final weights; returns the model card's usage section."""
+        raise NotImplementedError
+
+    def validation_unet(self, folder, device):
+        """Save the student to folder and load it back the way a user would; returns the UNet."""
+        raise NotImplementedError
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ConfigError (one line) instead of printing the whole usage."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser(method_cls, description):
+    parser = FlagParser(description=description)
+    add_shared_flags(parser)
+    method_cls.add_flags(parser)
+    return parser
+
+
+def data_spec(args, seed):
+    return DataSpec(
+        train_shards_path_or_url=args.train_shards_path_or_url, train_data_dir=args.train_data_dir,
+        resolution=args.resolution, interpolation_type=args.interpolation_type, center_crop=args.center_crop,
+        random_flip=args.random_flip, proportion_empty_prompts=args.proportion_empty_prompts,
+        max_train_samples=args.max_train_samples, train_batch_size=args.train_batch_size,
+        dataloader_num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size,
+        image_column=args.image_column, caption_column=args.caption_column, seed=seed)
+
+
+def main(method_cls, description, argv=None):
+    """Entry point of both scripts: parse, validate (one-line errors, exit 2), then dry-run or train."""
+    method = method_cls()
+    parser = build_parser(method_cls, description)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        for arg in argv:
+            if arg.split("=")[0] in method.foreign_flags:
+                raise ConfigError(f"{arg.split('=')[0]} is not a flag of {method.name}; "
+                                  f"use {method.foreign_script}")
+        args = parse_args(parser, argv)
+        validate(args)
+        method.check_args(args)
+        check_data_spec(data_spec(args, args.seed or 0))
+        if args.dry_run:
+            return dry_run(args)
+        return train(args, method)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def dry_run(args):
+    """Print the resolved config and the first batch's shapes; load no model weights."""
+    print(config_text(args))
+    stream = TrainStream(data_spec(args, args.seed or 0))
+    batch = next(iter(stream))
+    print(f"first batch: pixel_values {tuple(batch['pixel_values'].shape)}, captions {batch['captions'][:2]}, "
+          f"skipped so far {stream.skipped}")
+    print("dry run OK: flags, paths and data are valid; no model was loaded")
+    return 0
+
+
+class Run:
+    """State of one training run; methods are the loop's steps."""
+
+    def __init__(self, args, method):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+        self.args, self.method = args, method
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+        if args.seed is None:  # draw one on the main process and record it, so the run can be repeated
+            args.seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little") >> 1])[0]
+        set_seed(args.seed)  # same on every rank: identical initialisation everywhere
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if acc.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            ckpt.remove_stale_partials(args.output_dir)
+        self.repo_id = create_hub_repo(args) if args.push_to_hub and acc.is_main_process else None
+
+    def log(self, *messages):
+        if self.accelerator.is_main_process:
+            print(*messages, flush=True)
+
+
+def train(args, method):
+    run = Run(args, method)
+    acc = run.accelerator
+    device = acc.device
+    teacher = load_teacher(args, device, run.weight_dtype)
+    method.build(teacher, args)
+    if args.cast_teacher_unet:
+        teacher.unet.to(dtype=run.weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        for unet in method.unets():
+            unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        method.student.enable_gradient_checkpointing()
+
+    params = method.trainable_parameters()
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+    optimizer = make_optimizer(params, lr, args)
+    stream = TrainStream(data_spec(args, args.seed), acc.process_index, acc.num_processes)
+    max_train_steps = resolve_max_train_steps(args, stream, acc.num_processes)
+    from diffusers.optimization import get_scheduler
+
+    # Not passed to accelerator.prepare: stepped once per optimizer step whatever the number of processes.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps)
+    method.student_model, optimizer = acc.prepare(method.student, optimizer)
+    schedule = SolverSchedule.from_scheduler(teacher.noise_scheduler, args.num_ddim_timesteps,
+                                             args.timestep_scaling_factor, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
+    uncond = {"encoder_hidden_states": encode_prompts(teacher, [""])}
+
+    global_step = resume(run, optimizer, lr_scheduler, stream, generator)
+    if acc.is_main_process:
+        run.log(save_resolved_config(args, args.output_dir))
+        acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        export_scheduler(teacher, args, args.output_dir)
+    run.log(f"training {method.name}: {max_train_steps} steps, {acc.num_processes} process(es), "
+            f"batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps}, from step {global_step}")
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not acc.is_main_process, desc="steps")
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
+    step_start = time.perf_counter()
+    for batch in stream if global_step < max_train_steps else []:
+        with acc.accumulate(method.student_model):
+            z0 = encode_images(teacher, batch["pixel_values"], args.vae_encode_batch_size, generator)
+            cond = {"encoder_hidden_states": encode_prompts(teacher, batch["captions"])}
+            w = args.w_min + (args.w_max - args.w_min) * torch.rand(
+                z0.shape[0], generator=generator, device=generator.device)
+            with acc.autocast():
+                loss = lcd_loss(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
+                                method.target_forward, schedule, args.loss_type, args.huber_c, generator)
+            acc.backward(loss)
+            if acc.sync_gradients and args.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            continue
+        lr_scheduler.step()
+        method.update_target()
+        global_step += 1
+
+        now = time.perf_counter()
+        logs = {"train/loss": loss.detach().item(), "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/samples_per_s": samples_per_step / max(now - step_start, 1e-9)}
+        step_start = now
+        if global_step % SKIP_LOG_EVERY == 0 or global_step == max_train_steps:
+            logs.update(gather_skip_counts(acc, stream))
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}",
+                             samples_s=f"{logs['train/samples_per_s']:.1f}")
+        acc.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(run, global_step, optimizer, lr_scheduler, stream, generator)
+        if global_step % args.validation_steps == 0:
+            run_validation(run, teacher, global_step)
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    finish(run, teacher, global_step)
+    return 0
+
+
+def resolve_max_train_steps(args, stream, num_processes):
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    per_step = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    return args.num_train_epochs * math.ceil(stream.samples_per_epoch / per_step)
+
+
+def make_optimizer(params, lr, args):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def tracker_config(args):
+    """Tracker hyperparameters must be scalars: lists become strings, the token is left out."""
+    return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
+            if k != "hub_token" and (v is None or isinstance(v, (int, float, str, bool, list, tuple)))}
+
+
+def gather_skip_counts(acc, stream):
+    from accelerate.utils import gather_object
+
+    totals = {}
+    for counts in gather_object([dict(stream.skipped)]):
+        for reason, n in counts.items():
+            totals[f"data/skipped_{reason}"] = totals.get(f"data/skipped_{reason}", 0) + n
+    return totals
+
+
+def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
+    """Write checkpoint-<step> via a partial folder; the rename happens only after every rank wrote its part."""
+    acc, args = run.accelerator, run.args
+    folder = ckpt.partial_path(args.output_dir, step)
+    if acc.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.method.save_state(folder)
+        ckpt.save_torch(os.path.join(folder, "optimizer.pt"), optimizer.state_dict())
+    ckpt.write_json(os.path.join(folder, f"rank_{acc.process_index}.json"),
+                    {"rng": ckpt.rng_state(generator), "data": stream.state_dict()})
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+        ckpt.write_json(os.path.join(folder, ckpt.STATE_FILE),
+                        {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes,
+                         "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
+        final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
+        run.log(f"saved {final}")
+    acc.wait_for_everyone()
+
+
+def resume(run, optimizer, lr_scheduler, stream, generator):
+    """Restore everything a checkpoint holds; returns the global step (0 for a new run)."""
+    acc, args = run.accelerator, run.args
+    path = ckpt.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        if args.resume_from_checkpoint == "latest":
+            run.log(f"no checkpoint in '{args.output_dir}': starting a new run")
+        return 0
+    state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
+    if state["num_processes"] != acc.num_processes:
+        raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes, "
+                          f"this run has {acc.num_processes}; relaunch with the same number")
+    run.method.load_state(path)
+    optimizer.load_state_dict(ckpt.load_torch(os.path.join(path, "optimizer.pt")))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if acc.scaler is not None and state["scaler"] is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    rank_state = ckpt.read_json(os.path.join(path, f"rank_{acc.process_index}.json"))
+    ckpt.set_rng_state(rank_state["rng"], generator)
+    stream.load_state_dict(rank_state["data"])
+    run.log(f"resumed from {path} at step {state['global_step']}")
+    return state["global_step"]
+
+
+def lcm_scheduler(teacher, args):
+    """The LCMScheduler a user should sample with: the teacher's schedule plus this run's LCM settings."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(teacher.noise_scheduler.config, timestep_scaling=args.timestep_scaling_factor,
+                                    original_inference_steps=args.num_ddim_timesteps)
+
+
+def export_scheduler(teacher, args, output_dir):
+    lcm_scheduler(teacher, args).save_pretrained(os.path.join(output_dir, "scheduler"))
+
+
+@torch.no_grad()
+def run_validation(run, teacher, step):
+    """Sample the validation prompts at each LCM step count from fixed seeds; save and log one PNG grid."""
+    acc, args = run.accelerator, run.args
+    if acc.is_main_process:
+        from diffusers import StableDiffusionPipeline
+
+        prompts = args.validation_prompts or DEFAULT_VALIDATION_PROMPTS
+        guidance = args.validation_guidance_scale if args.validation_guidance_scale is not None else args.w_min + 1
+        with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp:
+            unet = run.method.validation_unet(tmp, acc.device)
+            pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder,
+                                           tokenizer=teacher.tokenizer, unet=unet,
+                                           scheduler=lcm_scheduler(teacher, args), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            rows = []
+            for i, prompt in enumerate(prompts):
+                row = []
+                for steps in args.validation_inference_steps:
+                    gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
+                    with acc.autocast():
+                        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                                     height=args.resolution, width=args.resolution, generator=gen,
+                                     output_type="np").images[0]
+                    row.append(image)
+                rows.append(np.concatenate(row, axis=1))
+            del pipe, unet
+        grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+        save_grid(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+        log_grid(acc, grid, step)
+    acc.wait_for_everyone()
+
+
+def save_grid(grid, path):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def log_grid(acc, grid, step):
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid)}, step=step)
+
+
+def finish(run, teacher, step):
+    acc, args = run.accelerator, run.args
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        usage = run.method.export(args.output_dir)
+        write_model_card(args, usage, step)
+        run.log(f"saved the distilled model to {args.output_dir}")
+        if run.repo_id:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=run.repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          ignore_patterns=["checkpoint-*", "*.partial", "logs/*"])
+    acc.end_training()
+
+
+def create_hub_repo(args):
+    try:
+        from huggingface_hub import create_repo
+
+        return create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                           exist_ok=True, token=args.hub_token, private=True).repo_id
+    except Exception as e:  # offline, no token, no rights: say so before training, not after
+        raise ConfigError(f"--push_to_hub: cannot create the Hub repo ({type(e).__name__}: {str(e)[:200]}); "
+                          f"log in with `hf auth login` or drop --push_to_hub") from None
+
+
+def write_model_card(args, usage, step):
+    text = f"""# LCM-distilled model
+
+Distilled from `{args.pretrained_teacher_model}` by latent consistency distillation for {step} steps
+(w ~ U[{args.w_min}, {args.w_max}], N = {args.num_ddim_timesteps} DDIM steps, {args.loss_type} loss).
+
+{usage}
+
+Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and
+`original_inference_steps` match this training run). The student was trained with guidance w, which
+diffusers' pipelines feed as `guidance_scale = w + 1`.
+
+The resolved training configuration is in `training_config.yaml`.
+"""
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write(text)

@@ -1,0 +1,58 @@
+"""Session fixtures: tiny teachers and toy datasets built in code (offline), and a launcher for the scripts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lcm_utils.tiny import build_image_folder, build_tiny_teacher, build_wds_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESOLUTION = 16  # tiny VAE factor 2 -> 8x8 latents, the tiny UNet's sample_size
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("assets")
+    return {
+        "teacher_eps": build_tiny_teacher(str(base / "teacher_eps"), "epsilon", seed=0),
+        "teacher_v": build_tiny_teacher(str(base / "teacher_v"), "v_prediction", seed=1),
+        "images": build_image_folder(str(base / "images"), num_images=12, size=RESOLUTION + 4),
+        "shards": build_wds_shards(str(base / "shards"), num_shards=2, per_shard=6, size=RESOLUTION + 4),
+    }
+
+
+def launch(script, args, num_processes=1, timeout=300, env=None):
+    """Run a training script through `accelerate launch` on CPU, as a user would; returns CompletedProcess.
+
+    Several CPU processes need `--multi_gpu` with ACCELERATE_USE_CPU=1: `--cpu --num_processes 2` silently
+    starts a single process (accelerate 1.x's simple launcher)."""
+    mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(ROOT, script), *map(str, args)]
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+                    ACCELERATE_USE_CPU="1")
+    full_env.update(env or {})
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def base_args(assets, out_dir, teacher="teacher_eps", **overrides):
+    """Flags for a few-step CPU run on the tiny teacher."""
+    flags = dict(pretrained_teacher_model=assets[teacher], train_data_dir=assets["images"], output_dir=out_dir,
+                 resolution=RESOLUTION, train_batch_size=2, max_train_steps=3, learning_rate=1e-3,
+                 lr_warmup_steps=0, checkpointing_steps=1000, validation_steps=1000, seed=0,
+                 validation_inference_steps="1 2", report_to="none", num_ddim_timesteps=50,
+                 validation_prompts="a red square")
+    flags.update(overrides)
+    out = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not False:
+            out.append(f"--{key}")
+            out.extend(str(value).split(" ") if key in ("validation_inference_steps",) else [str(value)])
+    return out

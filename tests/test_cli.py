@@ -1,0 +1,109 @@
+"""Flags, config files and bad input: one clear line and exit 2 before any UNet loads (in-process, fast)."""
+
+import os
+import shutil
+
+import pytest
+import yaml
+
+from conftest import base_args
+from lcm_utils.training import main
+from train_lcm_distill import FullDistillation
+
+
+def run_main(argv):
+    return main(FullDistillation, "test", argv)
+
+
+def error_of(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def args(assets, tmp_path):
+    return base_args(assets, str(tmp_path / "out"))
+
+
+def with_flags(argv, **flags):
+    """Replace or add flags in an argv list."""
+    out = list(argv)
+    for key, value in flags.items():
+        flag = f"--{key}"
+        if flag in out:
+            i = out.index(flag)
+            del out[i:i + 2]
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(pretrained_teacher_model="./no/such/teacher"), "--pretrained_teacher_model: folder './no/such/teacher' does not exist"),
+    (dict(w_min=9, w_max=3), "--w_min"),
+    (dict(num_ddim_timesteps=30), "--num_ddim_timesteps (30) must divide"),
+    (dict(resolution=15), "--resolution (15) must be divisible by the VAE factor 2"),
+    (dict(max_train_steps=0), "--max_train_steps must be a positive integer"),
+    (dict(train_batch_size=-1), "--train_batch_size must be a positive integer"),
+    (dict(resume_from_checkpoint="checkpoint-7"), "--resume_from_checkpoint: 'checkpoint-7' does not exist"),
+    (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts"),
+    (dict(train_data_dir=None), "no training data"),
+    (dict(lora_rank=8), "--lora_rank is not a flag of full LCM distillation; use train_lcm_lora.py"),
+])
+def test_bad_flags_fail_fast(args, capsys, flags, expected):
+    err = error_of(with_flags(args, **flags), capsys)
+    assert expected in err
+
+
+def test_unknown_loss_type_is_rejected(args, capsys):
+    assert "argument --loss_type: invalid choice: 'l1'" in error_of(with_flags(args, loss_type="l1"), capsys)
+
+
+def test_teacher_without_unet(assets, args, tmp_path, capsys):
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(assets["teacher_eps"], broken)
+    shutil.rmtree(broken / "unet")
+    err = error_of(with_flags(args, pretrained_teacher_model=broken), capsys)
+    assert "has no unet/" in err
+
+
+def test_missing_shards_and_empty_folder(args, tmp_path, capsys):
+    err = error_of(with_flags(args, train_data_dir=None, train_shards_path_or_url=tmp_path / "x-{000..003}.tar",
+                              max_train_samples=8), capsys)
+    assert "--train_shards_path_or_url" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = error_of(with_flags(args, train_data_dir=empty), capsys)
+    assert "--train_data_dir" in err
+
+
+def test_shards_need_a_length(args, assets, capsys):
+    argv = with_flags(args, train_data_dir=None, train_shards_path_or_url=assets["shards"], max_train_steps=None)
+    assert "--max_train_steps is required" in error_of(argv, capsys)
+
+
+def test_yaml_config_and_override(assets, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"pretrained_teacher_model": assets["teacher_eps"],
+                                   "train_data_dir": assets["images"], "resolution": 16, "train_batch_size": 2,
+                                   "w_min": 2, "validation_prompts": ["a", "b"], "center_crop": True}))
+    out = tmp_path / "out"
+    assert run_main(["--config", str(cfg), "--output_dir", str(out), "--w_min", "3", "--dry_run"]) == 0
+    text = capsys.readouterr().out
+    resolved = yaml.safe_load(text.split("first batch")[0])
+    assert resolved["w_min"] == 3.0 and resolved["center_crop"] is True and resolved["validation_prompts"] == ["a", "b"]
+    assert "dry run OK" in text
+    assert not os.path.exists(out / "unet")
+
+
+def test_yaml_unknown_key_and_bad_value(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("learning_rat: 1e-4\n")
+    assert "unknown key 'learning_rat'" in error_of(["--config", str(cfg)], capsys)
+    cfg.write_text("loss_type: l1\n")
+    assert "'loss_type'" in error_of(["--config", str(cfg)], capsys)
+    assert "does not exist" in error_of(["--config", str(tmp_path / "nope.yaml")], capsys)

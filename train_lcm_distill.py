@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Latent consistency distillation of a Stable Diffusion teacher into a full student UNet.
+
+    accelerate launch train_lcm_distill.py --pretrained_teacher_model <folder or hub id> \
+        --train_data_dir <images> --output_dir <out> [--config configs/sd15_lcm.yaml]
+
+Student: a copy of the teacher UNet that also takes the guidance w (a sinusoidal w-embedding through
+`time_embedding.cond_proj`, zero-initialised so the initial student equals the teacher). Target: an EMA
+copy of the student (LCM paper, Algorithm 1). Everything else is shared with train_lcm_lora.py in lcm_utils.
+"""
+
+import copy
+import os
+
+import torch
+
+from lcm_utils.config import ConfigError
+from lcm_utils.consistency import ema_update, guidance_embedding
+from lcm_utils.teacher import build_student
+from lcm_utils.training import DistillationMethod, main
+
+class FullDistillation(DistillationMethod):
+    name = "full LCM distillation"
+    foreign_flags = ("--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_target_modules")
+    foreign_script = "train_lcm_lora.py for LCM-LoRA"
+
+    @staticmethod
+    def add_flags(parser):
+        g = parser.add_argument_group("full distillation")
+        g.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
+                       help="Size of the student's w-embedding (used when the teacher has none).")
+        g.add_argument("--ema_decay", type=float, default=0.95, help="EMA rate mu of the target UNet.")
+
+    def check_args(self, args):
+        if args.unet_time_cond_proj_dim < 4:
+            raise ConfigError(f"--unet_time_cond_proj_dim must be >= 4, got {args.unet_time_cond_proj_dim}")
+        if not 0.0 <= args.ema_decay <= 1.0:
+            raise ConfigError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+
+    def build(self, teacher, args):
+        self.teacher_unet = teacher.unet
+        self.student = build_student(teacher.unet, args.unet_time_cond_proj_dim).to(teacher.unet.device).train()
+        # The target keeps fp32 weights: an EMA with mu = 0.95 adds updates a bf16 weight would round away.
+        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.guidance_embedding_dim = self.student.config.time_cond_proj_dim
+        self.ema_decay = args.ema_decay
+
+    def unets(self):
+        return [self.student, self.target, self.teacher_unet]
+
+    def _w_embedding(self, w, dtype):
+        return guidance_embedding(w, self.guidance_embedding_dim).to(dtype)
+
+    def student_forward(self, z, t, cond, w):
+        return self.student_model(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
+
+    def teacher_forward(self, z, t, cond):
+        return self.teacher_unet(z, t, **cond).sample
+
+    def target_forward(self, z, t, cond, w):
+        return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
+
+    def update_target(self):
+        ema_update(self.target.parameters(), self.student.parameters(), self.ema_decay)
+
+    def save_state(self, folder):
+        self.student.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+        self.target.save_pretrained(os.path.join(folder, "unet_target"), safe_serialization=True)
+
+    def load_state(self, folder):
+        from safetensors.torch import load_file
+
+        for module, sub in ((self.student, "unet"), (self.target, "unet_target")):
+            state = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors"))
+            module.load_state_dict(state)
+
+    def export(self, output_dir):
+        self.save_state(output_dir)
+        return (
+            "Use `unet/` (the online student; `unet_target/` is its EMA, often a little smoother):\n\n"
+            "```python\n"
+            "from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel\n"
+            f'unet = UNet2DConditionModel.from_pretrained("{output_dir}", subfolder="unet")\n'
+            f'scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
+            'pipe = StableDiffusionPipeline.from_pretrained("<teacher>", unet=unet, scheduler=scheduler)\n'
+            'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.5).images[0]\n'
+            "```\n\n`LatentConsistencyModelPipeline.from_pretrained(\"<teacher>\", unet=unet, scheduler=scheduler)` "
+            "works the same way."
+        )
+
+    def validation_unet(self, folder, device):
+        from diffusers import UNet2DConditionModel
+
+        self.student.save_pretrained(folder, safe_serialization=True)
+        return UNet2DConditionModel.from_pretrained(folder).to(device).eval()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(FullDistillation, __doc__.splitlines()[0]))
