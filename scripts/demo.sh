@@ -3,12 +3,7 @@
 # then sample the result with a stock diffusers pipeline + LCMScheduler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.13.0
-fi
-.venv/bin/python -m pip install -q -r requirements.txt
+. scripts/setup_venv.sh requirements.txt
 export HF_HUB_OFFLINE=1
 [ -d demo-output/assets/teacher ] || .venv/bin/python -m lcm_utils.tiny demo-output/assets
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \

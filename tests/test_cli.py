@@ -107,3 +107,14 @@ def test_yaml_unknown_key_and_bad_value(tmp_path, capsys):
     cfg.write_text("loss_type: l1\n")
     assert "'loss_type'" in error_of(["--config", str(cfg)], capsys)
     assert "does not exist" in error_of(["--config", str(tmp_path / "nope.yaml")], capsys)
+
+
+def test_push_to_hub_fails_clearly_when_the_hub_is_unreachable(args, capsys):
+    """Offline (as in CI) the repo cannot be created: one line before any model loads, not a crash at the end."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        err = error_of(args + ["--push_to_hub", "--hub_model_id", "someone/lcm-test"], capsys)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert err.startswith("error: --push_to_hub: cannot create the Hub repo")
