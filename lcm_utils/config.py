@@ -131,9 +131,13 @@ def parse_args(parser, argv=None):
     if known.config:
         parser.set_defaults(**load_yaml_config(parser, known.config))
     args = parser.parse_args(argv)
+    # Old launchers (torch.distributed.launch) pass --local_rank instead of setting LOCAL_RANK: hand it on to
+    # accelerate through the environment; when both are there the environment wins, as in diffusers.
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         args.local_rank = env_rank
+    elif args.local_rank != -1:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
     return args
 
 

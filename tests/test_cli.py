@@ -118,3 +118,32 @@ def test_push_to_hub_fails_clearly_when_the_hub_is_unreachable(args, capsys):
     finally:
         AcceleratorState._reset_state(True)
     assert err.startswith("error: --push_to_hub: cannot create the Hub repo")
+
+
+# The flags of diffusers' train_lcm_distill_sd_wds.py (an AST walk over its add_argument calls, 2026-08).
+DIFFUSERS_FULL_FLAGS = """pretrained_teacher_model pretrained_vae_model_name_or_path teacher_revision revision output_dir
+cache_dir seed logging_dir report_to checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+train_shards_path_or_url resolution interpolation_type center_crop random_flip dataloader_num_workers
+train_batch_size num_train_epochs max_train_steps max_train_samples learning_rate scale_lr lr_scheduler
+lr_warmup_steps gradient_accumulation_steps use_8bit_adam adam_beta1 adam_beta2 adam_weight_decay adam_epsilon
+max_grad_norm proportion_empty_prompts w_min w_max num_ddim_timesteps loss_type huber_c unet_time_cond_proj_dim
+vae_encode_batch_size timestep_scaling_factor ema_decay mixed_precision allow_tf32 cast_teacher_unet
+enable_xformers_memory_efficient_attention gradient_checkpointing local_rank validation_steps push_to_hub
+hub_token hub_model_id tracker_project_name""".split()
+
+
+def test_every_diffusers_flag_is_accepted():
+    from lcm_utils.training import build_parser
+
+    dests = {a.dest for a in build_parser(FullDistillation, "x")._actions}
+    assert sorted(set(DIFFUSERS_FULL_FLAGS) - dests) == []
+
+
+def test_dataset_with_no_usable_sample_stops_with_an_error(args, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png")
+        (bad / f"{i}.txt").write_text("a caption")
+    err = error_of(with_flags(args, train_data_dir=bad) + ["--dry_run"], capsys)
+    assert "no usable samples" in err and "bad_image: 3" in err
