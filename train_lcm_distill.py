@@ -17,7 +17,7 @@ import torch
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update, guidance_embedding
 from lcm_utils.teacher import build_student
-from lcm_utils.training import DistillationMethod, main
+from lcm_utils.training import DistillationMethod, main, stock_pipeline
 
 class FullDistillation(DistillationMethod):
     name = "full LCM distillation"
@@ -37,9 +37,11 @@ class FullDistillation(DistillationMethod):
         if not 0.0 <= args.ema_decay <= 1.0:
             raise ConfigError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
 
-    def build(self, teacher, args):
+    def build(self, teacher, args, weight_dtype):
         self.teacher_unet = teacher.unet
         self.student = build_student(teacher.unet, args.unet_time_cond_proj_dim).to(teacher.unet.device).train()
+        if args.cast_teacher_unet:  # only after the student copied the fp32 weights
+            teacher.unet.to(dtype=weight_dtype)
         # The target keeps fp32 weights: an EMA with mu = 0.95 adds updates a bf16 weight would round away.
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.guidance_embedding_dim = self.student.config.time_cond_proj_dim
@@ -88,11 +90,14 @@ class FullDistillation(DistillationMethod):
             "works the same way."
         )
 
-    def validation_unet(self, folder, device):
+    def validation_pipeline(self, folder, teacher, args, device):
         from diffusers import UNet2DConditionModel
 
         self.student.save_pretrained(folder, safe_serialization=True)
-        return UNet2DConditionModel.from_pretrained(folder).to(device).eval()
+        return stock_pipeline(teacher, UNet2DConditionModel.from_pretrained(folder).to(device).eval(), args)
+
+    def default_validation_guidance(self, args):
+        return args.w_min + 1  # the pipeline embeds guidance_scale - 1 = w_min, a value seen in training
 
 
 if __name__ == "__main__":

@@ -88,6 +88,19 @@ def load_torch(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_tensors(tensors, path):
+    """A flat dict of tensors as safetensors."""
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, path)
+
+
+def load_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 def _tensor_to_list(t):
     return t.cpu().tolist()
 

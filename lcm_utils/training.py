@@ -45,8 +45,8 @@ class DistillationMethod:
     def check_args(self, args):
         """Reject flag values that make no sense for this method (ConfigError)."""
 
-    def build(self, teacher, args):
-        """Set self.student (trainable, fp32) and whatever the target needs."""
+    def build(self, teacher, args, weight_dtype):
+        """Set self.student (its trainable weights fp32) and the target; cast the teacher per --cast_teacher_unet."""
         raise NotImplementedError
 
     def unets(self):
@@ -78,8 +78,12 @@ class DistillationMethod:
         """Write the final weights; returns the model card's usage section."""
         raise NotImplementedError
 
-    def validation_unet(self, folder, device):
-        """Save the student to folder and load it back the way a user would; returns the UNet."""
+    def validation_pipeline(self, folder, teacher, args, device):
+        """Save the student to folder and load it into a fresh stock pipeline, the way a user would."""
+        raise NotImplementedError
+
+    def default_validation_guidance(self, args):
+        """guidance_scale of the validation grid when --validation_guidance_scale is unset."""
         raise NotImplementedError
 
 
@@ -175,9 +179,7 @@ def train(args, method):
     acc = run.accelerator
     device = acc.device
     teacher = load_teacher(args, device, run.weight_dtype)
-    method.build(teacher, args)
-    if args.cast_teacher_unet:
-        teacher.unet.to(dtype=run.weight_dtype)
+    method.build(teacher, args, run.weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         for unet in method.unets():
             unet.enable_xformers_memory_efficient_attention()
@@ -355,17 +357,12 @@ def run_validation(run, teacher, step):
     """Sample the validation prompts at each LCM step count from fixed seeds; save and log one PNG grid."""
     acc, args = run.accelerator, run.args
     if acc.is_main_process:
-        from diffusers import StableDiffusionPipeline
-
         prompts = args.validation_prompts or DEFAULT_VALIDATION_PROMPTS
-        guidance = args.validation_guidance_scale if args.validation_guidance_scale is not None else args.w_min + 1
+        guidance = args.validation_guidance_scale
+        if guidance is None:
+            guidance = run.method.default_validation_guidance(args)
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp:
-            unet = run.method.validation_unet(tmp, acc.device)
-            pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder,
-                                           tokenizer=teacher.tokenizer, unet=unet,
-                                           scheduler=lcm_scheduler(teacher, args), safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
+            pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device)
             rows = []
             for i, prompt in enumerate(prompts):
                 row = []
@@ -377,11 +374,22 @@ def run_validation(run, teacher, step):
                                      output_type="np").images[0]
                     row.append(image)
                 rows.append(np.concatenate(row, axis=1))
-            del pipe, unet
+            del pipe
         grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
         save_grid(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
         log_grid(acc, grid, step)
     acc.wait_for_everyone()
+
+
+def stock_pipeline(teacher, unet, args):
+    """A StableDiffusionPipeline from the already-loaded teacher parts, the given UNet and this run's LCMScheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                                   unet=unet, scheduler=lcm_scheduler(teacher, args), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def save_grid(grid, path):

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""LCM-LoRA: latent consistency distillation into LoRA adapters on the teacher UNet (arXiv 2311.05556).
+
+    accelerate launch train_lcm_lora.py --pretrained_teacher_model <folder or hub id> \
+        --train_data_dir <images> --output_dir <out> [--config configs/sd15_lcm_lora.yaml]
+
+Student: peft LoRA adapters on the teacher UNet; the teacher pass is the same UNet with the adapters
+disabled, so the UNet weights are held once. No w-embedding, so the LoRA plugs into the base model and its
+fine-tunes. Target: the online adapters under no_grad (as LCM-LoRA), or an EMA of the adapter weights
+when --ema_decay > 0. Everything else is shared with train_lcm_distill.py in lcm_utils.
+"""
+
+import os
+
+import torch
+
+from lcm_utils.checkpoint import load_tensors, save_tensors
+from lcm_utils.config import ConfigError
+from lcm_utils.consistency import ema_update
+from lcm_utils.training import DistillationMethod, main, stock_pipeline
+
+# Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
+DEFAULT_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
+                          "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class LoraDistillation(DistillationMethod):
+    name = "LCM-LoRA distillation"
+    foreign_flags = ("--unet_time_cond_proj_dim",)
+    foreign_script = "train_lcm_distill.py: a LoRA student has no w-embedding"
+
+    @staticmethod
+    def add_flags(parser):
+        g = parser.add_argument_group("LCM-LoRA")
+        g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r.")
+        g.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (scale = alpha / r).")
+        g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
+        g.add_argument("--lora_target_modules", type=str, default=DEFAULT_TARGET_MODULES,
+                       help="Comma-separated module names that get adapters.")
+        g.add_argument("--ema_decay", type=float, default=0.0,
+                       help="0: the target is the online adapters (LCM-LoRA). > 0: EMA of the adapter weights.")
+
+    def check_args(self, args):
+        if args.lora_rank <= 0 or args.lora_alpha <= 0:
+            raise ConfigError(f"--lora_rank and --lora_alpha must be positive, got {args.lora_rank}, {args.lora_alpha}")
+        if not 0.0 <= args.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        if not 0.0 <= args.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be in [0, 1) for LoRA (0 = no EMA), got {args.ema_decay}")
+        if not self.target_modules(args):
+            raise ConfigError("--lora_target_modules is empty; give comma-separated module names")
+
+    @staticmethod
+    def target_modules(args):
+        return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+    def build(self, teacher, args, weight_dtype):
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        unet = self.student = teacher.unet
+        if args.cast_teacher_unet:  # the frozen base is the teacher: its weights in the low precision
+            unet.to(dtype=weight_dtype)
+        try:
+            unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                        target_modules=self.target_modules(args), init_lora_weights="gaussian"))
+        except ValueError as e:  # peft: "Target modules ... not found in the base model"
+            raise ConfigError(f"--lora_target_modules: {str(e).splitlines()[0]}") from None
+        self.lora_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        cast_training_params(unet, dtype=torch.float32)  # adapters train in fp32 whatever the base dtype
+        unet.train()
+        self.ema_decay = args.ema_decay
+        self.ema = {n: p.detach().clone() for n, p in unet.named_parameters() if n in self.lora_names} \
+            if self.ema_decay > 0 else None
+
+    def unets(self):
+        return [self.student]
+
+    def lora_state(self):
+        params = dict(self.student.named_parameters())
+        return {name: params[name] for name in self.lora_names}
+
+    def student_forward(self, z, t, cond, w):
+        return self.student_model(z, t, **cond).sample
+
+    def teacher_forward(self, z, t, cond):
+        # On the unwrapped UNet (not through DDP): a no-grad pass that must not take part in gradient sync.
+        self.student.disable_adapters()
+        try:
+            return self.student(z, t, **cond).sample
+        finally:
+            self.student.enable_adapters()
+
+    def target_forward(self, z, t, cond, w):
+        if self.ema is None:
+            return self.student(z, t, **cond).sample
+        # The EMA adapters stand in for the online ones for this call only; the online tensors stay
+        # untouched, so the student's autograd graph is intact.
+        return torch.func.functional_call(self.student, self.ema, (z, t), dict(cond)).sample
+
+    def update_target(self):
+        if self.ema is not None:
+            online = self.lora_state()
+            ema_update([self.ema[n] for n in self.lora_names], [online[n] for n in self.lora_names], self.ema_decay)
+
+    def save_state(self, folder):
+        save_tensors(self.lora_state(), os.path.join(folder, "lora.safetensors"))
+        if self.ema is not None:
+            save_tensors(self.ema, os.path.join(folder, "lora_ema.safetensors"))
+
+    def load_state(self, folder):
+        online = load_tensors(os.path.join(folder, "lora.safetensors"))
+        if sorted(online) != sorted(self.lora_names):
+            raise ConfigError(f"--resume_from_checkpoint: '{folder}' holds other adapters than this run's "
+                              f"--lora_rank/--lora_target_modules; resume with the flags that wrote it")
+        with torch.no_grad():
+            for name, param in self.lora_state().items():
+                param.copy_(online[name])
+        if self.ema is not None:
+            ema_file = os.path.join(folder, "lora_ema.safetensors")
+            source = load_tensors(ema_file) if os.path.isfile(ema_file) else online
+            for name in self.lora_names:
+                self.ema[name].copy_(source[name])
+
+    def save_lora(self, folder, tensors=None):
+        """Write the adapters in diffusers' LoRA format (+ their LoraConfig), loadable by pipe.load_lora_weights."""
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.student, state_dict=tensors)
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=state, safe_serialization=True,
+            unet_lora_adapter_metadata=self.student.peft_config["default"].to_dict())
+
+    def export(self, output_dir):
+        self.save_lora(output_dir)
+        usage_ema = ""
+        if self.ema is not None:
+            self.save_lora(os.path.join(output_dir, "ema"), self.ema)
+            usage_ema = " `ema/` holds the EMA of the adapters, loadable the same way."
+        return (
+            f"Use `{LORA_WEIGHTS}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
+            "```python\n"
+            "from diffusers import LCMScheduler, StableDiffusionPipeline\n"
+            'pipe = StableDiffusionPipeline.from_pretrained("<base model>")\n'
+            f'pipe.scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
+            f'pipe.load_lora_weights("{output_dir}")\n'
+            "pipe.fuse_lora()  # optional: merge the adapters into the UNet\n"
+            'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]\n'
+            "```\n\nThe LoRA has no w-embedding: guidance_scale 1.0 (no CFG) is the usual choice; values in "
+            "1-2 add real CFG at twice the cost per step."
+        )
+
+    def validation_pipeline(self, folder, teacher, args, device):
+        from diffusers import UNet2DConditionModel
+
+        from lcm_utils.config import teacher_revision
+
+        self.save_lora(folder)
+        base = UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
+                                                    revision=teacher_revision(args), cache_dir=args.cache_dir)
+        pipe = stock_pipeline(teacher, base.to(device, dtype=self.student.dtype).eval(), args)
+        pipe.load_lora_weights(folder)
+        return pipe
+
+    def default_validation_guidance(self, args):
+        return 1.0  # LCM-LoRA samples without CFG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(LoraDistillation, __doc__.splitlines()[0]))
