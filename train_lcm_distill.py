@@ -87,7 +87,8 @@ class FullDistillation(DistillationMethod):
             'pipe = StableDiffusionPipeline.from_pretrained("<teacher>", unet=unet, scheduler=scheduler)\n'
             'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.5).images[0]\n'
             "```\n\n`LatentConsistencyModelPipeline.from_pretrained(\"<teacher>\", unet=unet, scheduler=scheduler)` "
-            "works the same way."
+            "works the same way. The student takes the guidance w as an input (no CFG pass at sampling); "
+            "diffusers' pipelines feed it as `guidance_scale = w + 1`."
         )
 
     def validation_pipeline(self, folder, teacher, args, device):

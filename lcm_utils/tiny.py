@@ -43,8 +43,9 @@ def clip_char_vocab():
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_proj_dim=None):
-    """Save a randomly initialised SD-style teacher (UNet 32/64 wide, 2-layer CLIP, 2-level VAE) to out_dir."""
+def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_proj_dim=None,
+                       unet_channels=(32, 64)):
+    """Save a randomly initialised SD-style teacher (UNet `unet_channels` wide, 2-layer CLIP, 2-level VAE)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -66,9 +67,11 @@ def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_pro
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=32, sample_size=32)
+    levels = len(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=tuple(unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, time_cond_proj_dim=time_cond_proj_dim)
     scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

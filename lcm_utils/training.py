@@ -444,8 +444,7 @@ Distilled from `{args.pretrained_teacher_model}` by latent consistency distillat
 {usage}
 
 Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and
-`original_inference_steps` match this training run). The student was trained with guidance w, which
-diffusers' pipelines feed as `guidance_scale = w + 1`.
+`original_inference_steps` match this training run).
 
 The resolved training configuration is in `training_config.yaml`.
 """
