@@ -167,7 +167,13 @@ class Run:
         if acc.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
             ckpt.remove_stale_partials(args.output_dir)
-        self.repo_id = create_hub_repo(args) if args.push_to_hub and acc.is_main_process else None
+        self.repo_id = None
+        if args.push_to_hub:  # the main process creates the repo; every rank stops if that failed
+            outcome = create_hub_repo(args) if acc.is_main_process else None
+            outcome = broadcast_object_list([outcome])[0]
+            if isinstance(outcome, ConfigError):
+                raise outcome
+            self.repo_id = outcome
 
     def log(self, *messages):
         if self.accelerator.is_main_process:
@@ -425,14 +431,15 @@ def finish(run, teacher, step):
 
 
 def create_hub_repo(args):
+    """The repo id, or a ConfigError saying why it could not be created (offline, no token, no rights)."""
     try:
         from huggingface_hub import create_repo
 
         return create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                            exist_ok=True, token=args.hub_token, private=True).repo_id
-    except Exception as e:  # offline, no token, no rights: say so before training, not after
-        raise ConfigError(f"--push_to_hub: cannot create the Hub repo ({type(e).__name__}: {str(e)[:200]}); "
-                          f"log in with `hf auth login` or drop --push_to_hub") from None
+    except Exception as e:  # say so before training, not after
+        return ConfigError(f"--push_to_hub: cannot create the Hub repo ({type(e).__name__}: {str(e)[:200]}); "
+                           f"log in with `hf auth login` or drop --push_to_hub")
 
 
 def write_model_card(args, usage, step):
