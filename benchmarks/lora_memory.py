@@ -5,8 +5,8 @@
     python benchmarks/lora_memory.py --teacher /models/sd15 --resolution 512 --train_batch_size 4
 
 Each configuration runs a few training steps in its own process; the peak is the CUDA peak allocation on a
-GPU, else the process's peak resident memory (which includes ~1 GB of Python and libraries, the same in
-every row). The third row is what diffusers' SD LoRA script does: a separate teacher UNet.
+GPU, else the process's peak resident memory (which includes the Python interpreter and libraries, about
+the same in every row). The third row is what diffusers' SD LoRA script does: a separate teacher UNet.
 """
 
 import argparse
@@ -36,6 +36,8 @@ def worker(kind, train_args):
 
         def build(self, teacher, args, weight_dtype):
             self.teacher_copy = copy.deepcopy(teacher.unet)
+            if args.cast_teacher_unet:  # as diffusers casts its teacher copy
+                self.teacher_copy.to(dtype=weight_dtype)
             super().build(teacher, args, weight_dtype)
 
         def teacher_forward(self, z, t, cond):

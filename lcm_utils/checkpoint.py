@@ -59,13 +59,21 @@ def remove_stale_partials(output_dir):
 def publish(output_dir, step, total_limit):
     """Rename the finished partial folder to checkpoint-<step>, then prune the oldest beyond total_limit."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    if os.path.exists(final):  # a re-save of the same step (e.g. after a resume): replace it only now
-        shutil.rmtree(final)
+    if os.path.exists(final):  # a re-save of the same step (e.g. after a resume by name)
+        discard(final)
     os.replace(partial_path(output_dir, step), final)
     if total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     return final
+
+
+def discard(folder):
+    """Delete a checkpoint so that no kill can leave it half-deleted under its name: rename first (atomic)."""
+    doomed = folder + ".old" + PARTIAL_SUFFIX
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def write_json(path, value):

@@ -13,9 +13,12 @@ import sys
 
 import yaml
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "piecewise_constant")
-TRACKERS = ("tensorboard", "wandb", "all", "none")
+# diffusers' get_scheduler names; piecewise_constant is left out: it needs step rules no flag provides.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# accelerate's trackers (LoggerType) -> the package each needs; "all" = every installed one, "none" = no logging.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
+            "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+            "trackio": "trackio", "all": None, "none": None}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 CONFIG_FILE_NAME = "training_config.yaml"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -111,7 +114,8 @@ def add_shared_flags(parser):
                    help="LCM step counts shown in the validation grid.")
     g.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="guidance_scale of the validation pipeline (default: w_min + 1).")
-    g.add_argument("--report_to", type=str, default="tensorboard", choices=TRACKERS)
+    g.add_argument("--report_to", type=str, default="tensorboard", choices=tuple(TRACKERS),
+                   help="Tracker for scalars and validation grids (accelerate's names; none = off).")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under output_dir.")
     g.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
     g.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
@@ -122,14 +126,20 @@ def add_shared_flags(parser):
     return parser
 
 
-def parse_args(parser, argv=None):
-    """Parse argv over the YAML file named by --config; returns a Namespace or raises ConfigError."""
+def parse_args(parser, argv=None, foreign=None):
+    """Parse argv over the YAML file named by --config; returns a Namespace or raises ConfigError.
+
+    foreign: (flag names of the other script, what to say) so that they get a pointer, not "unknown"."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if foreign:
+        for arg in argv:
+            if arg.split("=")[0] in foreign[0]:
+                raise ConfigError(f"{arg.split('=')[0]} {foreign[1]}")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_yaml_config(parser, known.config))
+        parser.set_defaults(**load_yaml_config(parser, known.config, foreign))
     args = parser.parse_args(argv)
     # Old launchers (torch.distributed.launch) pass --local_rank instead of setting LOCAL_RANK: hand it on to
     # accelerate through the environment; when both are there the environment wins, as in diffusers.
@@ -141,7 +151,7 @@ def parse_args(parser, argv=None):
     return args
 
 
-def load_yaml_config(parser, path):
+def load_yaml_config(parser, path, foreign=None):
     """Read a YAML config whose keys are flag names; values are converted and checked like flags."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file '{path}' does not exist")
@@ -156,6 +166,8 @@ def load_yaml_config(parser, path):
     out = {}
     for key, value in values.items():
         key = str(key).lstrip("-").replace("-", "_")
+        if foreign and f"--{key}" in foreign[0]:
+            raise ConfigError(f"--config: '{key}' in '{path}' {foreign[1]}")
         if key not in actions or key == "config":
             raise ConfigError(f"--config: unknown key '{key}' in '{path}'; keys are flag names without '--'")
         out[key] = _convert(actions[key], value, path)
@@ -174,6 +186,8 @@ def _convert(action, value, path):
         if action.nargs in ("+", "*"):
             items = value if isinstance(value, list) else [value]
             value = [action.type(v) if action.type else v for v in items]
+        elif isinstance(value, list) and action.type in (None, str):
+            value = ",".join(str(v) for v in value)  # comma-list flags (e.g. lora_target_modules) as YAML lists
         elif action.type is not None:
             value = action.type(value)
     except (TypeError, ValueError):
@@ -235,9 +249,10 @@ def validate(args):
     """Check flag values and combinations before anything heavy loads; raise ConfigError (one line)."""
     if not args.pretrained_teacher_model:
         raise ConfigError("--pretrained_teacher_model is required: a diffusers-format folder or a Hub id")
-    positive = ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "num_ddim_timesteps",
-                "checkpointing_steps", "validation_steps", "vae_encode_batch_size", "resolution")
-    for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+    # The data flags (source, resolution, batch size, ...) are checked by data.check_data_spec.
+    positive = ("num_train_epochs", "gradient_accumulation_steps", "num_ddim_timesteps", "checkpointing_steps",
+                "validation_steps", "vae_encode_batch_size")
+    for name in positive + ("max_train_steps", "checkpoints_total_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name} must be a positive integer, got {value}")
@@ -246,16 +261,10 @@ def validate(args):
     for name in ("learning_rate", "huber_c", "timestep_scaling_factor"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:
-        raise ConfigError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
+    if args.lr_warmup_steps < 0 or args.max_grad_norm < 0:
+        raise ConfigError("--lr_warmup_steps and --max_grad_norm must be >= 0")
     if args.w_min < 0 or args.w_min > args.w_max:
         raise ConfigError(f"--w_min ({args.w_min}) must be >= 0 and <= --w_max ({args.w_max})")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    if not args.train_shards_path_or_url and not args.train_data_dir:
-        raise ConfigError("no training data: pass --train_shards_path_or_url (webdataset) or --train_data_dir")
-    if args.train_shards_path_or_url and args.train_data_dir:
-        raise ConfigError("pass only one of --train_shards_path_or_url and --train_data_dir")
     if args.max_train_steps is None and args.train_shards_path_or_url and args.max_train_samples is None:
         raise ConfigError("--max_train_steps is required with webdataset shards unless --max_train_samples "
                           "sets the epoch length")
@@ -263,8 +272,8 @@ def validate(args):
         require_package("bitsandbytes", "--use_8bit_adam")
     if args.enable_xformers_memory_efficient_attention:
         require_package("xformers", "--enable_xformers_memory_efficient_attention")
-    if args.report_to in ("wandb", "all"):
-        require_package("wandb", f"--report_to {args.report_to}")
+    if TRACKERS[args.report_to]:
+        require_package(TRACKERS[args.report_to], f"--report_to {args.report_to}")
     if args.push_to_hub:
         if args.report_to in ("wandb", "all") and args.hub_token:
             raise ConfigError("--hub_token with --report_to wandb would expose the token in the logged config; "

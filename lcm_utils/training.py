@@ -117,11 +117,8 @@ def main(method_cls, description, argv=None):
     parser = build_parser(method_cls, description)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        for arg in argv:
-            if arg.split("=")[0] in method.foreign_flags:
-                raise ConfigError(f"{arg.split('=')[0]} is not a flag of {method.name}; "
-                                  f"use {method.foreign_script}")
-        args = parse_args(parser, argv)
+        foreign = (method.foreign_flags, f"is not a flag of {method.name}; use {method.foreign_script}")
+        args = parse_args(parser, argv, foreign)
         validate(args)
         method.check_args(args)
         check_data_spec(data_spec(args, args.seed or 0))
@@ -308,7 +305,7 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.method.save_state(folder)
-        ckpt.save_torch(os.path.join(folder, "optimizer.pt"), optimizer.state_dict())
+    save_optimizer(acc, optimizer, folder)
     ckpt.write_json(os.path.join(folder, f"rank_{acc.process_index}.json"),
                     {"rng": ckpt.rng_state(generator), "data": stream.state_dict()})
     acc.wait_for_everyone()
@@ -320,6 +317,28 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
         final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
         run.log(f"saved {final}")
     acc.wait_for_everyone()
+
+
+def uses_deepspeed(acc):
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def save_optimizer(acc, optimizer, folder):
+    """Optimizer state into the checkpoint. ZeRO shards it across ranks, so under DeepSpeed every rank saves
+    its shard through accelerate (not exercised by the tests: no DeepSpeed or GPU in CI)."""
+    if uses_deepspeed(acc):
+        acc.save_state(os.path.join(folder, "deepspeed"))
+    elif acc.is_main_process:
+        ckpt.save_torch(os.path.join(folder, "optimizer.pt"), optimizer.state_dict())
+
+
+def load_optimizer(acc, optimizer, folder):
+    if uses_deepspeed(acc):
+        acc.load_state(os.path.join(folder, "deepspeed"))
+    else:
+        optimizer.load_state_dict(ckpt.load_torch(os.path.join(folder, "optimizer.pt")))
 
 
 def resume(run, optimizer, lr_scheduler, stream, generator):
@@ -334,8 +353,9 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     if state["num_processes"] != acc.num_processes:
         raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes, "
                           f"this run has {acc.num_processes}; relaunch with the same number")
+    args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
     run.method.load_state(path)
-    optimizer.load_state_dict(ckpt.load_torch(os.path.join(path, "optimizer.pt")))
+    load_optimizer(acc, optimizer, path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])

@@ -48,7 +48,7 @@ def with_flags(argv, **flags):
     (dict(num_ddim_timesteps=30), "--num_ddim_timesteps (30) must divide"),
     (dict(resolution=15), "--resolution (15) must be divisible by the VAE factor 2"),
     (dict(max_train_steps=0), "--max_train_steps must be a positive integer"),
-    (dict(train_batch_size=-1), "--train_batch_size must be a positive integer"),
+    (dict(train_batch_size=-1), "--train_batch_size must be > 0"),
     (dict(resume_from_checkpoint="checkpoint-7"), "--resume_from_checkpoint: 'checkpoint-7' does not exist"),
     (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts"),
     (dict(train_data_dir=None), "no training data"),
@@ -147,3 +147,26 @@ def test_dataset_with_no_usable_sample_stops_with_an_error(args, tmp_path, capsy
         (bad / f"{i}.txt").write_text("a caption")
     err = error_of(with_flags(args, train_data_dir=bad) + ["--dry_run"], capsys)
     assert "no usable samples" in err and "bad_image: 3" in err
+
+
+def test_yaml_key_of_the_other_script_points_to_it(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("lora_rank: 8\n")
+    err = error_of(["--config", str(cfg)], capsys)
+    assert "'lora_rank'" in err and "use train_lcm_lora.py" in err
+
+
+def test_seed_is_drawn_recorded_and_kept_on_resume(assets, tmp_path):
+    """Without --seed a seed is drawn; a resume reuses the checkpoint's, so the written config reproduces the run."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "out"
+    argv = with_flags(base_args(assets, str(out), max_train_steps=1, checkpointing_steps=1), seed=None)
+    try:
+        run_main(argv)
+        first = yaml.safe_load((out / "training_config.yaml").read_text())["seed"]
+        run_main(with_flags(argv, max_train_steps=2, resume_from_checkpoint="latest"))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert isinstance(first, int)
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["seed"] == first

@@ -90,3 +90,68 @@ def test_loss_with_an_oracle_matches_closed_form(schedule):
     v = lambda x: x.view(-1, 1, 1, 1)  # noqa: E731
     expected = ((v(skip_s) * z_s + v(out_s) * z0 - v(skip_t) * z_t - v(out_t) * z0) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_lcd_loss_matches_a_reference_built_on_diffusers_schedulers(prediction_type):
+    """Algorithm 1 recomputed independently: CFG on the raw outputs, the teacher's step by DDIMScheduler.step
+    (eta 0), the boundary scalings by LCMScheduler; the networks depend on t, the condition and w."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    ddim = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULE)
+    ddim.set_timesteps(50)
+    lcm = LCMScheduler(prediction_type=prediction_type, timestep_scaling=10.0, **SD_SCHEDULE)
+    schedule = SolverSchedule.from_scheduler(ddim, 50, 10.0, "cpu")
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(3, 4, 8, 8, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(3, 5, 4, generator=g)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 5, 4, generator=g)}
+    w = torch.tensor([2.0, 7.5, 14.0])
+
+    def offset(c):  # a condition-dependent shift per channel, [B, 4, 1, 1]
+        return c["encoder_hidden_states"].mean(1)[:, :, None, None]
+
+    def teacher(z, t, c):
+        return 0.6 * z + offset(c) * (t.float() / 1000)[:, None, None, None]
+
+    def student(z, t, c, w):
+        return 0.4 * z + 0.1 * offset(c) * w[:, None, None, None]
+
+    def target(z, t, c, w):
+        return 0.5 * z - 0.2 * offset(c) * w[:, None, None, None] + 0.01 * (t.float() / 1000)[:, None, None, None]
+
+    loss = lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, "l2", None,
+                    torch.Generator().manual_seed(3))
+
+    r = torch.Generator().manual_seed(3)  # replay the draws
+    start, end = sample_timestep_pairs_ref(schedule, 3, r)
+    noise = torch.randn(z0.shape, generator=r)
+    acp = ddim.alphas_cumprod
+    a = lambda t: acp[t].sqrt()[:, None, None, None]  # noqa: E731
+    s_ = lambda t: (1 - acp[t]).sqrt()[:, None, None, None]  # noqa: E731
+    z_s = a(start) * z0 + s_(start) * noise
+    u = {"encoder_hidden_states": uncond["encoder_hidden_states"].expand(3, -1, -1)}
+    out_c, out_u = teacher(z_s, start, cond), teacher(z_s, start, u)
+    guided = out_c + w[:, None, None, None] * (out_c - out_u)
+    z_t = torch.cat([ddim.step(guided[i:i + 1], int(start[i]), z_s[i:i + 1], eta=0.0).prev_sample for i in range(3)])
+    assert torch.equal(end, (start - 20).clamp(min=0))
+
+    def x0(out, z, t):
+        return (z - s_(t) * out) / a(t) if prediction_type == "epsilon" else a(t) * z - s_(t) * out
+
+    def f(out, z, t):
+        c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+        return c_skip[:, None, None, None] * z + c_out[:, None, None, None] * x0(out, z, t)
+
+    expected = ((f(student(z_s, start, cond, w), z_s, start) - f(target(z_t, end, cond, w), z_t, end)) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
+
+
+def sample_timestep_pairs_ref(schedule, batch, generator):
+    from lcm_utils.consistency import sample_timestep_pairs
+
+    return sample_timestep_pairs(schedule.grid, schedule.k, batch, generator)

@@ -121,29 +121,42 @@ def test_checkpoint_limit_prunes_oldest(assets, tmp_path):
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
 
 
-def test_two_processes(assets, tmp_path):
-    """DDP on CPU: per-rank data and noise, one checkpoint, lr stepped once per optimizer step, resume."""
-    out = str(tmp_path)
-    args = base_args(assets, out, max_train_steps=2, checkpointing_steps=2, lr_scheduler="linear",
-                     lr_warmup_steps=0)
-    check_ok(launch(SCRIPT, args, num_processes=2))
-    ck = os.path.join(out, "checkpoint-2")
+def test_two_processes_resume_exactly(assets, tmp_path):
+    """DDP on CPU: per-rank data, noise and RNG in the checkpoint, lr stepped once per optimizer step, and
+    2 processes x (2 steps + resume to 4) == 2 processes x 4 steps, bitwise."""
+    common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=0)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    check_ok(launch(SCRIPT, base_args(assets, straight, **common), num_processes=2))
+    ck = os.path.join(straight, "checkpoint-2")
     state = json.load(open(os.path.join(ck, "trainer_state.json")))
     assert state["num_processes"] == 2 and state["lr_scheduler"]["last_epoch"] == 2
     ranks = [json.load(open(os.path.join(ck, f"rank_{r}.json"))) for r in (0, 1)]
+    assert [r["data"]["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["rng"]["generator"] != ranks[1]["rng"]["generator"]
-    check_ok(launch(SCRIPT, base_args(assets, out, max_train_steps=3, checkpointing_steps=3, lr_scheduler="linear",
-                                      lr_warmup_steps=0, resume_from_checkpoint="latest"), num_processes=2))
-    assert os.path.isfile(os.path.join(out, "checkpoint-3", "rank_1.json"))
+
+    check_ok(launch(SCRIPT, base_args(assets, resumed, **common), num_processes=2))
+    for later in ("checkpoint-4", "unet", "unet_target"):
+        shutil.rmtree(os.path.join(resumed, later))
+    result = launch(SCRIPT, base_args(assets, resumed, resume_from_checkpoint="latest", **common), num_processes=2)
+    check_ok(result)
+    assert "resumed from" in result.stdout
+    for sub in ("unet", "unet_target"):
+        assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0
 
 
 def test_bf16_with_cast_teacher_and_accumulation(assets, tmp_path):
     out = str(tmp_path)
     args = base_args(assets, out, mixed_precision="bf16", cast_teacher_unet=True, gradient_accumulation_steps=2,
                      max_train_steps=2, gradient_checkpointing=True, scale_lr=True, validation_steps=2)
+    args = args + ["--checkpointing_steps", "2"]
     check_ok(launch(SCRIPT, args))
     student = weights(os.path.join(out, "unet"))
-    assert all(v.dtype == torch.float32 for v in student.values())  # master weights stay fp32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())  # fp32 masters
+    state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
+    assert state["lr_scheduler"]["last_epoch"] == 2  # two optimizer steps...
+    assert state["lr_scheduler"]["base_lrs"] == [pytest.approx(1e-3 * 2 * 2 * 1)]  # --scale_lr: accum x batch x procs
+    data = json.load(open(os.path.join(out, "checkpoint-2", "rank_0.json")))["data"]
+    assert data["batches_consumed"] == 4  # ...from four micro-batches
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(assets, tmp_path, monkeypatch):

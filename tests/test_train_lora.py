@@ -135,7 +135,9 @@ def test_export_loads_into_stock_pipeline_and_fuses(lora_run, assets):
 
 
 def test_lora_resume_with_ema_is_exact(assets, tmp_path):
-    common = dict(max_train_steps=4, checkpointing_steps=2, ema_decay=0.9, lr_scheduler="cosine", lr_warmup_steps=1)
+    # dropout draws from the global torch RNG, so this also checks that nothing else draws from it on resume
+    common = dict(max_train_steps=4, checkpointing_steps=2, ema_decay=0.9, lr_scheduler="cosine", lr_warmup_steps=1,
+                  lora_dropout=0.1, dataloader_num_workers=1)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     check_ok(launch(SCRIPT, lora_args(assets, straight, **common)))
     check_ok(launch(SCRIPT, lora_args(assets, resumed, **common)))
@@ -191,3 +193,14 @@ def test_lora_flags_and_rejections(assets, tmp_path, capsys):
             main(LoraDistillation, "x", argv + extra)
         assert info.value.code == 2
         assert expected in capsys.readouterr().err
+
+
+def test_yaml_list_of_target_modules(assets, tmp_path):
+    from lcm_utils.config import parse_args
+    from lcm_utils.training import build_parser
+
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text("lora_target_modules: [to_q, to_k, ff.net.2]\n")
+    args = parse_args(build_parser(LoraDistillation, "x"), ["--config", str(cfg)])
+    assert args.lora_target_modules == "to_q,to_k,ff.net.2"
+    assert LoraDistillation.target_modules(args) == ["to_q", "to_k", "ff.net.2"]
