@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import base_args
+from conftest import ROOT, base_args
 from lcm_utils.training import main
 from train_lcm_distill import FullDistillation
 
@@ -170,3 +170,15 @@ def test_seed_is_drawn_recorded_and_kept_on_resume(assets, tmp_path):
         AcceleratorState._reset_state(True)
     assert isinstance(first, int)
     assert yaml.safe_load((out / "training_config.yaml").read_text())["seed"] == first
+
+
+@pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd21_768_lcm.yaml", "sd15_lcm_lora.yaml", "demo.yaml"])
+def test_shipped_presets_parse(name):
+    """Every key of the presets is a flag of the script it is for, with a valid value."""
+    from lcm_utils.config import parse_args
+    from lcm_utils.training import build_parser
+    from train_lcm_lora import LoraDistillation
+
+    method = LoraDistillation if "lora" in name else FullDistillation
+    args = parse_args(build_parser(method, "x"), ["--config", os.path.join(ROOT, "configs", name)])
+    assert args.resume_from_checkpoint == "latest" and args.pretrained_teacher_model
