@@ -2,7 +2,8 @@
 
 Every random choice (epoch order, shuffle buffer, crop, flip, empty prompt) is drawn from numpy
 generators seeded by (seed, epoch, reader slot, sample index), so a stream restored from
-`TrainStream.state_dict()` yields bitwise the same batches as one that never stopped.
+`TrainStream.state_dict()` yields bitwise the same batches as one that never stopped. A shard reader's
+state names the samples in its shuffle buffer, so a resume reopens only the shards that still hold them.
 """
 
 import io
@@ -14,7 +15,7 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Iterator, Optional
 from urllib.parse import urlparse
 
@@ -393,12 +394,14 @@ class FolderSource:
         """Global samples per epoch."""
         return len(self.items)
 
-    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list):
-        """(index, item number) of this reader's share of the epoch permutation, from `start`."""
+    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
+                   shard_state: Optional[dict] = None):
+        """(index, item number, None) of this reader's share of the epoch permutation, from `start`."""
+        # No state function: `start` alone places a reader in a permutation.
         permutation = np.random.default_rng([seed, epoch]).permutation(len(self.items))
         share = permutation[slot::num_readers]
         for index in range(start, len(share)):
-            yield index, int(share[index])
+            yield index, int(share[index]), None
 
     def _caption_bytes_or_value(self, relative: str):
         """Raw caption: a metadata value, sidecar .txt bytes, or None."""
@@ -489,23 +492,107 @@ def read_shard(url: str) -> Iterator:
         _close_quietly(stream)
 
 
-def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Approximate shuffle through a buffer of `size` samples, drawn from `rng` only."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        pick = int(rng.integers(len(buffer)))
-        yield buffer[pick]
-        buffer[pick] = sample
-    while buffer:
-        pick = int(rng.integers(len(buffer)))
-        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-        yield buffer.pop()
+class ShuffleBuffer:
+    """Approximate shuffle through `size` buffered samples, drawn from `rng` only; its state can be saved."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size, self.rng = size, rng
+        self.items = []  # (id, raw sample) pairs in buffer order
+        self.exhausted = False  # the input has ended: only draining the buffer is left
+
+    def shuffle(self, items: Iterator) -> Iterator:
+        """The (id, raw sample) pairs of `items` in shuffled order; the state is consistent at every yield."""
+        if self.size <= 1:
+            yield from items
+            return
+        if not self.exhausted:
+            for item in items:
+                if len(self.items) < self.size:
+                    self.items.append(item)
+                    continue
+                pick = int(self.rng.integers(len(self.items)))
+                # Replaced before the yield, so a state taken at the yield already holds the new sample.
+                drawn, self.items[pick] = self.items[pick], item
+                yield drawn
+            self.exhausted = True
+        while self.items:
+            pick = int(self.rng.integers(len(self.items)))
+            self.items[pick], self.items[-1] = self.items[-1], self.items[pick]
+            yield self.items.pop()
+
+
+def _read_until(raw: Iterator, wanted: set, last: tuple) -> tuple:
+    """({id: sample} of the wanted ids among the raw samples up to id `last`, the raw samples after it)."""
+    found = {}
+    for sample_id, sample in raw:
+        if sample_id > last:  # a shard reads shorter than before the checkpoint: keep what follows
+            return found, chain([(sample_id, sample)], raw)
+        if sample_id in wanted:
+            found[sample_id] = sample
+        if sample_id == last:
+            break
+    return found, raw
+
+
+class ShardEpoch:
+    """One reader's raw samples of an epoch, with ids (shard position, sample in shard), through its buffer."""
+
+    def __init__(self, urls: list, by_sample: bool, slot: int, num_readers: int, shuffler: ShuffleBuffer,
+                 events: list):
+        self.urls = urls  # this reader's shards in epoch order; every shard when split by sample
+        self.by_sample = by_sample
+        self.slot, self.num_readers = slot, num_readers
+        self.shuffler = shuffler
+        self.events = events
+        self.next = [0, 0]  # id of the next raw sample to read
+        # Global sample index at the start of each opened shard: the split by sample needs it to reopen one.
+        self.shard_starts = {}
+
+    def raw(self, first: int, global_index: int) -> Iterator:
+        """(id, raw sample) of this reader from shard position `first`, whose first sample is `global_index`."""
+        for position in range(first, len(self.urls)):
+            self.shard_starts[position] = global_index
+            index = 0
+            for sample in read_shard(self.urls[position]):
+                # Split by sample, a damage is counted by the one reader whose turn it interrupts.
+                mine = not self.by_sample or global_index % self.num_readers == self.slot
+                if sample is SHARD_DAMAGED:
+                    if mine:
+                        self.events.append(SHARD_DAMAGED)
+                    continue
+                if mine:
+                    self.next = [position, index + 1]
+                    yield (position, index), sample
+                index, global_index = index + 1, global_index + 1
+
+    def state(self) -> dict:
+        """JSON-able rebuild point after the last yielded sample: first shard to reopen, input, buffer, RNG."""
+        buffered = [list(sample_id) for sample_id, _ in self.shuffler.items]
+        # Unless the input has ended, the last sample read is read again to stand where the input stopped.
+        positions = [position for position, _ in buffered] + ([] if self.shuffler.exhausted else [self.next[0]])
+        first = min(positions, default=None)
+        return {
+            "start": None if first is None else [first, self.shard_starts[first]],
+            "next": list(self.next),
+            "buffer": buffered,
+            "exhausted": self.shuffler.exhausted,
+            "rng": self.shuffler.rng.bit_generator.state,
+        }
+
+    def restore(self, saved: dict) -> Iterator:
+        """Refill the buffer from the shards still holding its samples; returns the raw samples after the input."""
+        wanted = [tuple(sample_id) for sample_id in saved["buffer"]]
+        found, rest = {}, iter(())
+        if saved["start"] is not None:
+            last = max(wanted) if saved["exhausted"] else (saved["next"][0], saved["next"][1] - 1)
+            found, rest = _read_until(self.raw(*saved["start"]), set(wanted), last)
+        # Damage met while rebuilding was counted before the checkpoint.
+        self.events.clear()
+        self.shuffler.items = [(sample_id, found[sample_id]) for sample_id in wanted if sample_id in found]
+        self.shuffler.rng.bit_generator.state = saved["rng"]
+        self.shuffler.exhausted = saved["exhausted"]
+        self.next = list(saved["next"])
+        return iter(()) if saved["exhausted"] else rest
 
 
 def decode_shard_sample(sample: dict) -> tuple:
@@ -546,43 +633,37 @@ class ShardSource:
         """Global samples per epoch: only known when max_train_samples sets it."""
         return self.max_train_samples
 
-    def _reader_raw_samples(self, epoch_urls: list, slot: int, num_readers: int, events: list) -> Iterator:
-        """This reader's raw samples in read order; damage owned by this reader goes to `events`."""
-        if len(epoch_urls) >= num_readers:
-            for url in epoch_urls[slot::num_readers]:
-                for sample in read_shard(url):
-                    if sample is SHARD_DAMAGED:
-                        events.append(SHARD_DAMAGED)
-                    else:
-                        yield sample
-            return
-        # Too few shards to split: every reader reads all of them and keeps every num_readers-th
-        # sample; a damage is counted by the one reader whose turn it interrupts.
-        global_index = 0
-        for url in epoch_urls:
-            for sample in read_shard(url):
-                if sample is SHARD_DAMAGED:
-                    if global_index % num_readers == slot:
-                        events.append(SHARD_DAMAGED)
-                    continue
-                if global_index % num_readers == slot:
-                    yield sample
-                global_index += 1
-
-    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list):
-        """(index, raw sample) after the shuffle buffer from `start`; earlier ones are replayed undecoded."""
+    def _epoch_reader(self, seed: int, epoch: int, slot: int, num_readers: int, events: list) -> ShardEpoch:
+        """The reader's shards of the epoch and its seeded shuffle buffer."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.urls))
         epoch_urls = [self.urls[i] for i in order]
-        raw = self._reader_raw_samples(epoch_urls, slot, num_readers, events)
-        shuffled = shuffle_buffer(raw, self.buffer_size, np.random.default_rng([seed, epoch, slot]))
-        if self.max_train_samples is not None:
-            shuffled = islice(shuffled, math.ceil(self.max_train_samples / num_readers))
-        for index, sample in enumerate(shuffled):
+        # Too few shards to split: every reader reads all of them and keeps every num_readers-th sample.
+        by_sample = len(epoch_urls) < num_readers
+        urls = epoch_urls if by_sample else epoch_urls[slot::num_readers]
+        shuffler = ShuffleBuffer(self.buffer_size, np.random.default_rng([seed, epoch, slot]))
+        return ShardEpoch(urls, by_sample, slot, num_readers, shuffler, events)
+
+    def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
+                   shard_state: Optional[dict] = None):
+        """(index, raw sample, state function) after the shuffle buffer from `start`; a state function's result as
+        `shard_state` rebuilds the reader from the shards it still needs, else the epoch is replayed undecoded."""
+        limit = None if self.max_train_samples is None else math.ceil(self.max_train_samples / num_readers)
+        if limit is not None and start >= limit:
+            return  # the reader's share of this epoch is already out
+        reader = self._epoch_reader(seed, epoch, slot, num_readers, events)
+        if shard_state is None:
+            first_index, raw = 0, reader.raw(0, 0)
+        else:
+            first_index, raw = start, reader.restore(shard_state)
+        shuffled = enumerate(reader.shuffler.shuffle(raw), first_index)
+        if limit is not None:
+            shuffled = islice(shuffled, limit - first_index)
+        for index, (_, sample) in shuffled:
             if index < start:
                 # Damage read while replaying up to the checkpoint was already counted before it.
                 events.clear()
                 continue
-            yield index, sample
+            yield index, sample, reader.state
 
     def decode(self, sample: dict) -> tuple:
         """(RGB image, caption, reencoded) of one raw sample, or SkipSample."""
@@ -636,6 +717,7 @@ class ReaderSetup:
     start_epoch: int
     start_index: int
     skipped: dict
+    shard_state: Optional[str] = None  # JSON rebuild state of a shard reader at the start position
 
 
 def _count(counters: tuple, reason: str) -> None:
@@ -675,11 +757,13 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
     """Infinite batches of one reader, each carrying its position and cumulative skip counts."""
     skipped = Counter(setup.skipped)
     epoch, start = setup.start_epoch, setup.start_index
+    shard_state = None if setup.shard_state is None else json.loads(setup.shard_state)
     examples = []
     while True:
         epoch_counts, events, raw_count, usable = Counter(), [], 0, 0
         counters = (skipped, epoch_counts)
-        for index, raw in setup.source.iter_epoch(setup.seed, epoch, setup.slot, setup.num_readers, start, events):
+        samples = setup.source.iter_epoch(setup.seed, epoch, setup.slot, setup.num_readers, start, events, shard_state)
+        for index, raw, state_function in samples:
             _record_events(events, counters)
             raw_count += 1
             decoded = _decode_counted(setup.source, raw, counters)
@@ -690,21 +774,23 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
             if len(examples) == setup.batch_size:
                 batch = collate(examples)
                 meta = {"worker": setup.logical_worker, "epoch": epoch, "emitted": index + 1}
-                batch["_meta"] = {**meta, "skipped": dict(skipped)}
+                # A JSON string: the DataLoader would walk a buffer-long list item by item (~3 ms a batch).
+                state = None if state_function is None else json.dumps(state_function())
+                batch["_meta"] = {**meta, "skipped": dict(skipped), "shard_state": state}
                 yield batch
                 examples = []
         _record_events(events, counters)
         # Only a reader that saw the epoch from its start can tell it is empty or all bad.
         if start == 0:
             _check_full_epoch(setup, epoch, raw_count, usable, epoch_counts)
-        epoch, start = epoch + 1, 0
+        epoch, start, shard_state = epoch + 1, 0, None
 
 
 class ReaderDataset(IterableDataset):
     """The rank's readers as a DataLoader dataset; each worker forms whole batches of its reader."""
 
     def __init__(self, source, spec: DataSpec, seed: int, rank: int, world_size: int, rotation: int,
-                 positions: list, skipped: list):
+                 positions: list, skipped: list, shard_states: list):
         self.source = source
         self.transform = Transform.from_spec(spec)
         self.batch_size = spec.train_batch_size
@@ -713,6 +799,7 @@ class ReaderDataset(IterableDataset):
         self.rotation = rotation
         self.positions = positions
         self.skipped = skipped
+        self.shard_states = shard_states
 
     def _setup(self, physical_worker: int) -> ReaderSetup:
         """Reader of a physical worker: rotated so the worker asked first continues the saved order."""
@@ -729,6 +816,7 @@ class ReaderDataset(IterableDataset):
             start_epoch=epoch,
             start_index=index,
             skipped=self.skipped[logical],
+            shard_state=self.shard_states[logical],
         )
 
     def __iter__(self):
@@ -759,6 +847,8 @@ class TrainStream:
         self.samples_per_epoch = self._source.samples_per_epoch
         self._positions = [[0, 0] for _ in range(self.num_workers)]
         self._skipped = [{} for _ in range(self.num_workers)]
+        # Per logical worker: JSON rebuild state of a shard reader after its last batch (None for folders).
+        self._shard_states = [None] * self.num_workers
         self._batches_consumed = 0
         self._epoch = 0
 
@@ -786,6 +876,7 @@ class TrainStream:
             "positions": [list(position) for position in self._positions],
             "skipped": [dict(counts) for counts in self._skipped],
             "epoch": self._epoch,
+            "shard_states": [None if state is None else json.loads(state) for state in self._shard_states],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -809,6 +900,9 @@ class TrainStream:
         self.seed = int(state["seed"])
         self._positions = [[int(epoch), int(index)] for epoch, index in state["positions"]]
         self._skipped = [{str(k): int(v) for k, v in counts.items()} for counts in state["skipped"]]
+        # Checkpoints without shard states resume by replaying each shard reader's epoch from its start.
+        shard_states = state.get("shard_states") or [None] * self.num_workers
+        self._shard_states = [None if saved is None else json.dumps(saved) for saved in shard_states]
         self._batches_consumed = int(state["batches_consumed"])
         self._epoch = int(state.get("epoch", min(epoch for epoch, _ in self._positions)))
 
@@ -819,6 +913,7 @@ class TrainStream:
             rotation=self._batches_consumed % self.num_workers,
             positions=[list(position) for position in self._positions],
             skipped=[dict(counts) for counts in self._skipped],
+            shard_states=list(self._shard_states),
         )
         workers = self.spec.dataloader_num_workers
         return DataLoader(
@@ -841,6 +936,7 @@ class TrainStream:
             worker = meta["worker"]
             self._positions[worker] = [meta["epoch"], meta["emitted"]]
             self._skipped[worker] = meta["skipped"]
+            self._shard_states[worker] = meta["shard_state"]
             self._batches_consumed += 1
             self._epoch = meta["epoch"]
             yield batch

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lcm_utils import data as data_module
 from lcm_utils.data import DataError, DataSpec, TrainStream, check_data_spec
 
 # ----------------------------------------------------------------------------- builders
@@ -285,6 +286,147 @@ def test_wds_resume_with_sample_split_and_truncated_shard(tmp_path):
     spec = random_spec(train_shards_path_or_url=path, dataloader_num_workers=2, train_batch_size=2)
     assert_resumes_exactly(spec, 3, 5)
     assert_resumes_exactly(spec, 2, 3, rank=1, world_size=2)
+
+
+def states_after_each_batch(spec: DataSpec, count: int, rank=0, world_size=1) -> tuple:
+    """(stream, its first `count` batches, its state through JSON after each of them)."""
+    stream = TrainStream(spec, rank, world_size)
+    batches, states = [], []
+    for batch in islice(iter(stream), count):
+        batches.append(batch)
+        states.append(json.loads(json.dumps(stream.state_dict())))
+    return stream, batches, states
+
+
+def assert_resumes_exactly_after(spec: DataSpec, consumed_counts, total: int, rank=0, world_size=1) -> list:
+    """Resume after each of `consumed_counts` batches: the rest up to `total` equals the uninterrupted stream."""
+    reference, expected, states = states_after_each_batch(spec, total, rank, world_size)
+    for consumed in consumed_counts:
+        resumed = TrainStream(spec, rank, world_size)
+        resumed.load_state_dict(states[consumed - 1])
+        assert_batches_equal(expected[consumed:], take(resumed, total - consumed))
+        assert resumed.skipped == reference.skipped
+        assert resumed.epoch == reference.epoch
+    return states
+
+
+def shard_states_of(states: list) -> list:
+    """Every worker's shard state in a list of stream states."""
+    return [shard_state for state in states for shard_state in state["shard_states"] if shard_state]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("split", ["shard", "sample"])
+def test_wds_resume_is_exact_across_shard_and_epoch_boundaries(tmp_path, workers, split):
+    if split == "shard":
+        # Three good shards, one cut off after 4 samples, one bad image: damage and skips must be restored.
+        write_shards(tmp_path, "b", 3, 6)
+        broken = good_samples("bad", 1)
+        broken[0][1]["png"] = b"garbage"
+        write_tar(tmp_path / "b-3.tar", good_samples("b3_", 3) + broken)
+        pattern = f"{tmp_path}/b-{{0..3}}.tar::{truncated_shard(tmp_path / 'cut', 'c', 6, cut_in=4)}"
+        rank, world_size, total = 0, 1, 26 // max(1, workers)
+    else:
+        # Three shards for four or eight readers: every reader reads every shard and keeps its turns.
+        # 15 per shard, so a reader's turns fall at other offsets in each shard.
+        write_shards(tmp_path, "b", 3, 15)
+        pattern = str(tmp_path / "b-{0..2}.tar")
+        rank, world_size, total = 1, 4, 16 // max(1, workers)
+    spec = random_spec(train_shards_path_or_url=pattern, dataloader_num_workers=workers, train_batch_size=2)
+    # Every batch with no workers; a spread of them with two (each resume starts two processes).
+    consumed_counts = range(1, total) if workers == 0 else range(1, total, 2)
+    states = assert_resumes_exactly_after(spec, consumed_counts, total, rank, world_size)
+    shard_states = shard_states_of(states)
+    assert len({state["epoch"] for state in states}) >= 2
+    assert any(state["start"][0] < state["next"][0] for state in shard_states)  # buffer spans two shards
+    assert any(state["exhausted"] for state in shard_states)  # resumed while draining at an epoch's end
+    if split == "shard":
+        assert states[-1]["skipped"]  # damage and a bad image were counted, so their restore was checked
+
+
+@pytest.mark.parametrize("buffer_size", [0, 1])
+def test_wds_resume_without_shuffle_buffer(tmp_path, buffer_size):
+    # Samples pass straight through: only the input position places the reader.
+    write_shards(tmp_path, "n", 3, 5)
+    spec = random_spec(train_shards_path_or_url=str(tmp_path / "n-{0..2}.tar"), train_batch_size=2,
+                       shuffle_buffer_size=buffer_size)
+    assert_resumes_exactly_after(spec, range(1, 16), 16)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_wds_resume_with_max_train_samples(tmp_path, workers):
+    write_shards(tmp_path, "l", 4, 6)
+    spec = random_spec(train_shards_path_or_url=str(tmp_path / "l-{0..3}.tar"), dataloader_num_workers=workers,
+                       train_batch_size=2, max_train_samples=10)
+    total = 12
+    consumed_counts = range(1, total) if workers == 0 else range(1, total, 3)
+    states = assert_resumes_exactly_after(spec, consumed_counts, total)
+    assert states[-1]["epoch"] >= 2
+
+
+def test_wds_resume_without_shard_states_replays_the_epoch(tmp_path):
+    # Checkpoints written before shard states existed still resume exactly, by the full replay.
+    write_shards(tmp_path, "o", 3, 6)
+    spec = random_spec(train_shards_path_or_url=str(tmp_path / "o-{0..2}.tar"), train_batch_size=2)
+    _, expected, states = states_after_each_batch(spec, 10)
+    old_state = {key: value for key, value in states[6].items() if key != "shard_states"}
+    resumed = TrainStream(spec)
+    resumed.load_state_dict(old_state)
+    assert_batches_equal(expected[7:], take(resumed, 3))
+
+
+def record_opened_shards(monkeypatch) -> list:
+    """Urls of the shards opened from now on, in order (the main process only: use no workers)."""
+    opened, open_shard = [], data_module._open_shard
+
+    def recording_open(url):
+        opened.append(url)
+        return open_shard(url)
+
+    monkeypatch.setattr(data_module, "_open_shard", recording_open)
+    return opened
+
+
+# Split by shard (6 shards, 1 reader) and by sample (3 shards, 4 readers); the checkpoint is late in epoch 0.
+@pytest.mark.parametrize("shards, per_shard, rank, world_size, batch_size, consumed",
+                         [(6, 8, 0, 1, 2, 18), (3, 16, 1, 4, 1, 9)], ids=["by_shard", "by_sample"])
+def test_wds_resume_does_not_reopen_the_shards_already_used(tmp_path, monkeypatch, shards, per_shard, rank,
+                                                            world_size, batch_size, consumed):
+    write_shards(tmp_path, "u", shards, per_shard)
+    pattern, following = str(tmp_path / f"u-{{0..{shards - 1}}}.tar"), 2
+    spec = random_spec(train_shards_path_or_url=pattern, train_batch_size=batch_size, shuffle_buffer_size=2)
+    expected = take(TrainStream(spec, rank, world_size), consumed + following)  # all in epoch 0
+    opened = record_opened_shards(monkeypatch)
+    first = TrainStream(spec, rank, world_size)
+    take(first, consumed)
+    read_before = list(opened)
+    state = json.loads(json.dumps(first.state_dict()))
+    opened.clear()
+    resumed = TrainStream(spec, rank, world_size)
+    resumed.load_state_dict(state)
+    assert_batches_equal(expected[consumed:], take(resumed, following))
+    assert resumed.epoch == 0
+    # The resume starts in the shard the checkpoint stood in; those read through before it stay closed.
+    assert opened[0] == read_before[-1]
+    assert not set(opened) & set(read_before[:-1])
+
+
+def test_wds_resume_goes_on_when_a_needed_shard_reads_shorter(tmp_path):
+    paths = write_shards(tmp_path, "g", 3, 8)
+    spec = spec_for(train_shards_path_or_url=str(tmp_path / "g-{0..2}.tar"), train_batch_size=2)
+    first = TrainStream(spec)
+    take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    position, index = state["shard_states"][0]["next"]
+    assert index > 2
+    # The shard being read when the state was saved now holds 2 samples (a re-download that broke off).
+    shard = paths[np.random.default_rng([0, 0]).permutation(3)[position]]
+    name = os.path.basename(shard)[:-len(".tar")].replace("-", "")
+    write_tar(shard, good_samples(f"{name}_", 2))
+    resumed = TrainStream(spec)
+    resumed.load_state_dict(state)
+    captions = captions_of(take(resumed, 3))
+    assert len(captions) == 6 and resumed.skipped == {}
 
 
 def test_iterating_twice_continues_the_stream(tmp_path):
