@@ -188,3 +188,19 @@ def test_crash_during_save_keeps_last_good_checkpoint(assets, tmp_path, monkeypa
     assert f"resumed from {os.path.join(out, 'checkpoint-2')}" in result.stdout
     assert not os.path.exists(os.path.join(out, "checkpoint-4.partial"))
     assert os.path.isfile(os.path.join(out, "checkpoint-6", "trainer_state.json"))
+
+
+def test_resume_from_shards_is_exact(assets, tmp_path):
+    """The shard stream's rebuild point (shuffle buffer, input position) restores exactly through the script."""
+    common = dict(train_data_dir=None, train_shards_path_or_url=assets["shards"], shuffle_buffer_size=3,
+                  max_train_steps=4, checkpointing_steps=2, dataloader_num_workers=2)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    check_ok(launch(SCRIPT, base_args(assets, straight, **common)))
+    check_ok(launch(SCRIPT, base_args(assets, resumed, **common)))
+    for later in ("checkpoint-4", "unet", "unet_target"):
+        shutil.rmtree(os.path.join(resumed, later))
+    state = json.load(open(os.path.join(resumed, "checkpoint-2", "rank_0.json")))["data"]
+    assert any(s is not None for s in state["shard_states"])
+    check_ok(launch(SCRIPT, base_args(assets, resumed, resume_from_checkpoint="latest", **common)))
+    for sub in ("unet", "unet_target"):
+        assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0
