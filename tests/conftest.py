@@ -1,6 +1,7 @@
 """Session fixtures: tiny teachers and toy datasets built in code (offline), and a launcher for the scripts."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,3 +57,21 @@ def base_args(assets, out_dir, teacher="teacher_eps", **overrides):
             out.append(f"--{key}")
             out.extend(str(value).split(" ") if key in ("validation_inference_steps",) else [str(value)])
     return out
+
+
+def check_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def straight_and_resumed(script, make_args, tmp_path, num_processes=1, after=("checkpoint-4",)):
+    """Run one command twice; in the second folder delete what came after checkpoint-2 (as if the run had been
+    killed there) and rerun it with `--resume_from_checkpoint latest`. Returns (straight, resumed) folders."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for out in (straight, resumed):
+        check_ok(launch(script, make_args(out), num_processes))
+    for later in after:
+        shutil.rmtree(os.path.join(resumed, later))
+    result = launch(script, make_args(resumed) + ["--resume_from_checkpoint", "latest"], num_processes)
+    check_ok(result)
+    assert f"resumed from {os.path.join(resumed, 'checkpoint-2')}" in result.stdout
+    return straight, resumed

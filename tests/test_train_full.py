@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -10,9 +9,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import RESOLUTION, base_args, launch
+from conftest import RESOLUTION, base_args, check_ok, launch, straight_and_resumed
 
 SCRIPT = "train_lcm_distill.py"
+FINAL_OUTPUTS = ("checkpoint-4", "unet", "unet_target")  # what a run killed after checkpoint-2 lacks
 
 
 def weights(folder):
@@ -21,10 +21,6 @@ def weights(folder):
 
 def max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
-
-
-def check_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +98,8 @@ def test_resume_gives_identical_weights(assets, tmp_path):
     """4 steps straight == the same command stopped after checkpoint-2 and resumed with `latest` (bitwise)."""
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=1,
                   dataloader_num_workers=2, train_batch_size=3)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    check_ok(launch(SCRIPT, base_args(assets, straight, **common)))
-    check_ok(launch(SCRIPT, base_args(assets, resumed, **common)))
-    for later in ("checkpoint-4", "unet", "unet_target"):  # as if the run had been killed after step 2
-        shutil.rmtree(os.path.join(resumed, later))
-    result = launch(SCRIPT, base_args(assets, resumed, resume_from_checkpoint="latest", **common))
-    check_ok(result)
-    assert "resumed from" in result.stdout
+    straight, resumed = straight_and_resumed(SCRIPT, lambda out: base_args(assets, out, **common), tmp_path,
+                                             after=FINAL_OUTPUTS)
     for sub in ("unet", "unet_target"):
         assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0
 
@@ -125,21 +115,14 @@ def test_two_processes_resume_exactly(assets, tmp_path):
     """DDP on CPU: per-rank data, noise and RNG in the checkpoint, lr stepped once per optimizer step, and
     2 processes x (2 steps + resume to 4) == 2 processes x 4 steps, bitwise."""
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=0)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    check_ok(launch(SCRIPT, base_args(assets, straight, **common), num_processes=2))
+    straight, resumed = straight_and_resumed(SCRIPT, lambda out: base_args(assets, out, **common), tmp_path,
+                                             num_processes=2, after=FINAL_OUTPUTS)
     ck = os.path.join(straight, "checkpoint-2")
     state = json.load(open(os.path.join(ck, "trainer_state.json")))
     assert state["num_processes"] == 2 and state["lr_scheduler"]["last_epoch"] == 2
     ranks = [json.load(open(os.path.join(ck, f"rank_{r}.json"))) for r in (0, 1)]
     assert [r["data"]["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["rng"]["generator"] != ranks[1]["rng"]["generator"]
-
-    check_ok(launch(SCRIPT, base_args(assets, resumed, **common), num_processes=2))
-    for later in ("checkpoint-4", "unet", "unet_target"):
-        shutil.rmtree(os.path.join(resumed, later))
-    result = launch(SCRIPT, base_args(assets, resumed, resume_from_checkpoint="latest", **common), num_processes=2)
-    check_ok(result)
-    assert "resumed from" in result.stdout
     for sub in ("unet", "unet_target"):
         assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0
 
@@ -194,13 +177,9 @@ def test_resume_from_shards_is_exact(assets, tmp_path):
     """The shard stream's rebuild point (shuffle buffer, input position) restores exactly through the script."""
     common = dict(train_data_dir=None, train_shards_path_or_url=assets["shards"], shuffle_buffer_size=3,
                   max_train_steps=4, checkpointing_steps=2, dataloader_num_workers=2)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    check_ok(launch(SCRIPT, base_args(assets, straight, **common)))
-    check_ok(launch(SCRIPT, base_args(assets, resumed, **common)))
-    for later in ("checkpoint-4", "unet", "unet_target"):
-        shutil.rmtree(os.path.join(resumed, later))
+    straight, resumed = straight_and_resumed(SCRIPT, lambda out: base_args(assets, out, **common), tmp_path,
+                                             after=FINAL_OUTPUTS)
     state = json.load(open(os.path.join(resumed, "checkpoint-2", "rank_0.json")))["data"]
     assert any(s is not None for s in state["shard_states"])
-    check_ok(launch(SCRIPT, base_args(assets, resumed, resume_from_checkpoint="latest", **common)))
     for sub in ("unet", "unet_target"):
         assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0

@@ -2,22 +2,17 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RESOLUTION, base_args, launch
+from conftest import RESOLUTION, base_args, check_ok, launch, straight_and_resumed
 from train_lcm_lora import DEFAULT_TARGET_MODULES, LORA_WEIGHTS, LoraDistillation
 
 SCRIPT = "train_lcm_lora.py"
 LORA = dict(lora_rank=4, lora_alpha=8, learning_rate=1e-2)
-
-
-def check_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def lora_args(assets, out, **overrides):
@@ -138,13 +133,7 @@ def test_lora_resume_with_ema_is_exact(assets, tmp_path):
     # dropout draws from the global torch RNG, so this also checks that nothing else draws from it on resume
     common = dict(max_train_steps=4, checkpointing_steps=2, ema_decay=0.9, lr_scheduler="cosine", lr_warmup_steps=1,
                   lora_dropout=0.1, dataloader_num_workers=1)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    check_ok(launch(SCRIPT, lora_args(assets, straight, **common)))
-    check_ok(launch(SCRIPT, lora_args(assets, resumed, **common)))
-    shutil.rmtree(os.path.join(resumed, "checkpoint-4"))
-    result = launch(SCRIPT, lora_args(assets, resumed, resume_from_checkpoint="latest", **common))
-    check_ok(result)
-    assert "resumed from" in result.stdout
+    straight, resumed = straight_and_resumed(SCRIPT, lambda out: lora_args(assets, out, **common), tmp_path)
     for name in ("lora.safetensors", "lora_ema.safetensors"):
         a = load_file(os.path.join(straight, "checkpoint-4", name))
         b = load_file(os.path.join(resumed, "checkpoint-4", name))
