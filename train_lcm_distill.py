@@ -12,8 +12,7 @@ copy of the student (LCM paper, Algorithm 1). Everything else is shared with tra
 import copy
 import os
 
-import torch
-
+from lcm_utils.checkpoint import load_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update, guidance_embedding
 from lcm_utils.teacher import build_student
@@ -70,11 +69,8 @@ class FullDistillation(DistillationMethod):
         self.target.save_pretrained(os.path.join(folder, "unet_target"), safe_serialization=True)
 
     def load_state(self, folder):
-        from safetensors.torch import load_file
-
         for module, sub in ((self.student, "unet"), (self.target, "unet_target")):
-            state = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors"))
-            module.load_state_dict(state)
+            module.load_state_dict(load_tensors(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")))
 
     def export(self, output_dir):
         self.save_state(output_dir)

@@ -33,7 +33,6 @@ class DistillationMethod:
     """What a script defines: how the student and target are built, what trains, how results are saved."""
 
     name = "base"
-    guidance_embedding_dim = None  # set when the student takes a w-embedding
 
     @staticmethod
     def add_flags(parser):
