@@ -3,6 +3,7 @@
 
     python benchmarks/lora_memory.py                      # builds a small SD-shaped teacher, CPU or GPU
     python benchmarks/lora_memory.py --teacher /models/sd15 --resolution 512 --train_batch_size 4
+    python benchmarks/lora_memory.py --sd15_shape --resolution 512 --mixed_precision fp16   # SD 1.5 shapes, random
 
 Each configuration runs a few training steps in its own process; the peak is the CUDA peak allocation on a
 GPU, else the process's peak resident memory (which includes the Python interpreter and libraries, about
@@ -21,6 +22,85 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CONFIGS = ("lora", "full", "lora_second_teacher")
+# --sd15_shape: Stable Diffusion 1.5's UNet, CLIP ViT-L text encoder width/depth and VAE, randomly initialised.
+SD15_SHAPE = dict(unet_channels="320,640,1280,1280", layers_per_block=2, cross_attention_dim=768,
+                  vae_channels="128,256,512,512")
+TINY_SHAPE = dict(layers_per_block=1, cross_attention_dim=32, vae_channels="32,64")  # lcm_utils.tiny's
+
+
+def add_shape_flags(parser, default_channels):
+    """Flags of the teacher built in code when --teacher is not given (shared with teacher_batching.py)."""
+    parser.add_argument("--unet_channels", default=default_channels, help="Width of the built teacher's UNet levels.")
+    parser.add_argument("--layers_per_block", type=int, default=TINY_SHAPE["layers_per_block"],
+                        help="Built teacher: ResNet/attention layers per UNet (and VAE) level (SD: 2).")
+    parser.add_argument("--cross_attention_dim", type=int, default=TINY_SHAPE["cross_attention_dim"],
+                        help="Built teacher: text width (SD 1.x: 768); other than 32 builds a 12-layer CLIP of it.")
+    parser.add_argument("--vae_channels", default=TINY_SHAPE["vae_channels"],
+                        help="Built teacher: VAE level widths; latents are resolution / 2**(levels - 1) (SD: 8).")
+    parser.add_argument("--sd15_shape", action="store_true",
+                        help="Build an SD 1.5-shaped teacher (random weights): "
+                        + ", ".join(f"--{k} {v}" for k, v in SD15_SHAPE.items()))
+
+
+def resolve_shape(args):
+    if args.sd15_shape:
+        for key, value in SD15_SHAPE.items():
+            setattr(args, key, value)
+    args.unet_channels = [int(c) for c in str(args.unet_channels).split(",")]
+    args.vae_channels = [int(c) for c in str(args.vae_channels).split(",")]
+    return args
+
+
+def vae_factor(args):
+    return 2 ** (len(args.vae_channels) - 1)
+
+
+def build_unet(args, resolution):
+    """The teacher UNet of the given shape (random weights); the down/up block layout is SD's."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(args.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=resolution // vae_factor(args), in_channels=4, out_channels=4,
+        layers_per_block=args.layers_per_block, block_out_channels=tuple(args.unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=args.cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+        # Named, so it is not in config["_use_default_values"]: from_config would drop the value that
+        # lcm_utils.teacher.build_student sets on a copy of this config (a UNet loaded from disk has no such list).
+        time_cond_proj_dim=None)
+
+
+def build_teacher(out_dir, args, resolution):
+    """lcm_utils.tiny's teacher (tokenizer, scheduler, layout); UNet, text encoder and VAE replaced when the
+    shape flags differ from the tiny one. The replaced parts are saved over the tiny ones."""
+    from lcm_utils.tiny import build_tiny_teacher
+
+    tiny = (args.layers_per_block == TINY_SHAPE["layers_per_block"]
+            and args.cross_attention_dim == TINY_SHAPE["cross_attention_dim"]
+            and args.vae_channels == [int(c) for c in TINY_SHAPE["vae_channels"].split(",")])
+    if tiny:
+        return build_tiny_teacher(out_dir, unet_channels=args.unet_channels)
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    build_tiny_teacher(out_dir)  # the smallest UNet: it is replaced
+    torch.manual_seed(0)
+    build_unet(args, resolution).save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
+    dim = args.cross_attention_dim
+    if dim != TINY_SHAPE["cross_attention_dim"]:  # CLIP ViT-L/14's text tower at this width
+        CLIPTextModel(CLIPTextConfig(
+            vocab_size=514, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=12,
+            num_attention_heads=max(1, dim // 64), max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+            pad_token_id=513, projection_dim=dim)).save_pretrained(os.path.join(out_dir, "text_encoder"))
+    levels = len(args.vae_channels)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(args.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=args.layers_per_block, norm_num_groups=32, sample_size=resolution,
+    ).save_pretrained(os.path.join(out_dir, "vae"), safe_serialization=True)
+    return out_dir
 
 
 def worker(kind, train_args):
@@ -31,7 +111,19 @@ def worker(kind, train_args):
     from train_lcm_distill import FullDistillation
     from train_lcm_lora import LoraDistillation
 
-    class LoraWithSecondTeacher(LoraDistillation):
+    class NoExport:
+        """Skip writing the final weights: only the training peak is measured (an SD UNet pair is 7 GB)."""
+
+        def export(self, output_dir):
+            return ""
+
+    class Lora(NoExport, LoraDistillation):
+        pass
+
+    class Full(NoExport, FullDistillation):
+        pass
+
+    class LoraWithSecondTeacher(Lora):
         """The diffusers LoRA script's layout: the teacher pass runs on its own copy of the UNet."""
 
         def build(self, teacher, args, weight_dtype):
@@ -43,7 +135,7 @@ def worker(kind, train_args):
         def teacher_forward(self, z, t, cond):
             return self.teacher_copy(z, t, **cond).sample
 
-    method = {"lora": LoraDistillation, "full": FullDistillation, "lora_second_teacher": LoraWithSecondTeacher}[kind]
+    method = {"lora": Lora, "full": Full, "lora_second_teacher": LoraWithSecondTeacher}[kind]
     main(method, kind, train_args)
     if torch.cuda.is_available():
         peak, unit = torch.cuda.max_memory_allocated(), "CUDA peak allocated"
@@ -55,19 +147,18 @@ def worker(kind, train_args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=None, help="Teacher folder (default: build an SD-shaped small one).")
-    parser.add_argument("--unet_channels", default="128,256,512", help="Width of the built teacher's UNet levels.")
+    add_shape_flags(parser, "128,256,512")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--mixed_precision", default="no")
-    args = parser.parse_args()
+    args = resolve_shape(parser.parse_args())
 
-    from lcm_utils.tiny import build_image_folder, build_tiny_teacher
+    from lcm_utils.tiny import build_image_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = args.teacher or build_tiny_teacher(os.path.join(tmp, "teacher"), unet_channels=[
-            int(c) for c in args.unet_channels.split(",")])
+        teacher = args.teacher or build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
         images = build_image_folder(os.path.join(tmp, "images"), num_images=16, size=args.resolution)
         results = {}
         for kind in CONFIGS:
@@ -89,9 +180,11 @@ def main():
         from diffusers import UNet2DConditionModel
 
         n_params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").parameters())
+        with open(os.path.join(teacher, "vae", "config.json")) as f:
+            latent = args.resolution // 2 ** (len(json.load(f)["block_out_channels"]) - 1)
     unit = results["lora"]["unit"]
-    print(f"UNet parameters: {n_params / 1e6:.1f} M; batch {args.train_batch_size} at {args.resolution} px; "
-          f"LoRA rank {args.lora_rank}; mixed precision {args.mixed_precision}; {unit}")
+    print(f"UNet parameters: {n_params / 1e6:.1f} M; batch {args.train_batch_size} at {args.resolution} px "
+          f"({latent}x{latent} latents); LoRA rank {args.lora_rank}; mixed precision {args.mixed_precision}; {unit}")
     print(f"{'configuration':<24}{'peak MiB':>12}{'vs LoRA':>10}")
     base = results["lora"]["peak_bytes"]
     for kind in CONFIGS:

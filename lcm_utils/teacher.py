@@ -73,6 +73,9 @@ def build_student(teacher_unet, time_cond_proj_dim):
     from diffusers import UNet2DConditionModel
 
     config = dict(teacher_unet.config)
+    # diffusers records which keys took their defaults and from_config re-applies those defaults, which would
+    # drop the time_cond_proj_dim set below for a UNet built in memory (a loaded one has no such record).
+    config.pop("_use_default_values", None)
     if config.get("time_cond_proj_dim") is None:
         config["time_cond_proj_dim"] = time_cond_proj_dim
     student = UNet2DConditionModel.from_config(config)

@@ -43,22 +43,36 @@ def clip_char_vocab():
     return {tok: i for i, tok in enumerate(tokens)}
 
 
+def write_char_vocab(folder):
+    """Write vocab.json + merges.txt of the character vocabulary (what the slow CLIPTokenizer loads from;
+    transformers 5 saves only tokenizer.json)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(clip_char_vocab(), f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+
+
+def char_tokenizer():
+    """A CLIPTokenizer over the character vocabulary, built offline."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_char_vocab(tmp)
+        return CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77)
+
+
 def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_proj_dim=None,
                        unet_channels=(32, 64)):
     """Save a randomly initialised SD-style teacher (UNet `unet_channels` wide, 2-layer CLIP, 2-level VAE)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     os.makedirs(out_dir, exist_ok=True)
-    tok_dir = os.path.join(out_dir, "_tok")
-    os.makedirs(tok_dir, exist_ok=True)
-    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-        json.dump(clip_char_vocab(), f)
-    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
-                              model_max_length=77)
+    tokenizer = char_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -78,9 +92,7 @@ def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_pro
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for name in os.listdir(tok_dir):
-        os.remove(os.path.join(tok_dir, name))
-    os.rmdir(tok_dir)
+    write_char_vocab(os.path.join(out_dir, "tokenizer"))
     return out_dir
 
 

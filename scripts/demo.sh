@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The embedded default: install into .venv, build a tiny SD teacher and toy images, distill it on CPU,
-# then sample the result with a stock diffusers pipeline + LCMScheduler.
+# The embedded default: install into .venv, write the shapes dataset, distill the shipped shapes teacher
+# (assets/shapes-teacher) on CPU with configs/demo.yaml, then draw the teacher-vs-student comparison grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_venv.sh requirements.txt
 export HF_HUB_OFFLINE=1
-[ -d demo-output/assets/teacher ] || .venv/bin/python -m lcm_utils.tiny demo-output/assets
+[ -e demo-output/shapes/train-00007.tar ] || .venv/bin/python -m lcm_utils.shapes demo-output/shapes
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train_lcm_distill.py --config configs/demo.yaml "$@"
-.venv/bin/python scripts/sample.py --teacher demo-output/assets/teacher --model demo-output/lcm \
-  --prompt "a red square" --steps 4 --out demo-output/sample.png
+.venv/bin/python scripts/compare.py --teacher assets/shapes-teacher --model demo-output/lcm \
+  --out demo-output/comparison.png

@@ -39,6 +39,15 @@ def test_initial_student_equals_teacher(teacher_unet):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_student_of_an_in_memory_teacher_gets_the_w_embedding(teacher_unet):
+    # A UNet built in code (not loaded) carries diffusers' record of defaulted keys; the student must still get
+    # its cond_proj (it once silently came out without one).
+    built = UNet2DConditionModel(**{k: v for k, v in teacher_unet.config.items() if not k.startswith("_")})
+    student = build_student(built, 256)
+    assert student.time_embedding.cond_proj is not None
+    assert torch.count_nonzero(student.time_embedding.cond_proj.weight) == 0
+
+
 def test_one_batched_teacher_forward_and_gradients_only_to_student(teacher_unet, schedule):
     student = build_student(teacher_unet, 256)
     target = build_student(teacher_unet, 256).requires_grad_(False)

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Few-step quality of the distilled students against their teacher, on the shapes demo (LCM paper, Table 1).
+
+    python benchmarks/quality.py --full demo-output/quality-full --lora demo-output/quality-lora
+
+For held-out prompts and one fixed set of initial noises, samples the teacher with DDIM + CFG at 1/2/4/8 steps
+(the better of 'leading' and 'trailing' spacing, per metric) and each student with LCMScheduler at 1/2/4/8
+steps, and scores every sample set on
+  endpoint  latent MSE to the teacher's 50-step DDIM result from the same noise and prompt, over that result's
+            variance (how well the PF-ODE endpoint is reached; lower is better);
+  both      fraction of decoded images whose colour and shape the pixel judge reads as the prompt says;
+  FD        Frechet distance between fixed image features of the samples and of the held-out real images.
+Prints the tables and the issue's targets beside them; writes <out>.md and <out>.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lcm_utils import evaluation as ev  # noqa: E402
+from lcm_utils import shapes  # noqa: E402
+
+METRICS = {"endpoint": min, "both": max, "fd": min}  # which way is better
+LABELS = {"endpoint": "endpoint error (lower is better)", "both": "colour+shape right (higher is better)",
+          "fd": "Frechet distance to real images (lower is better)"}
+
+
+def score(pipe, latents, reference, captions, real_feats):
+    images = ev.decode(pipe, latents)
+    adherence = shapes.adherence(images, captions)
+    return {"endpoint": ev.endpoint_error(latents, reference), "both": adherence["both"],
+            "color": adherence["color"], "shape": adherence["shape"],
+            "fd": shapes.frechet_distance(shapes.image_features(images), real_feats)}
+
+
+def check_targets(rows, steps):
+    """The issue's targets, each as (description, met) where both step counts were measured."""
+    ddim, out = rows["DDIM (teacher, CFG)"], []
+    better = {"endpoint": lambda a, b: a < b, "both": lambda a, b: a > b, "fd": lambda a, b: a < b}
+    at_least = {"endpoint": lambda a, b: a <= b, "both": lambda a, b: a >= b, "fd": lambda a, b: a <= b}
+    for name, row in rows.items():
+        if name.startswith("DDIM"):
+            continue
+        if 1 in steps:
+            out.append((f"{name} 1 step: endpoint <= half of DDIM-1's",
+                        row[1]["endpoint"] <= 0.5 * ddim[1]["endpoint"]))
+            out.append((f"{name} 1 step: better adherence and FD than DDIM-1",
+                        better["both"](row[1]["both"], ddim[1]["both"]) and better["fd"](row[1]["fd"], ddim[1]["fd"])))
+        if 2 in steps:
+            out.append((f"{name} 2 steps: better than DDIM-2 on all three",
+                        all(better[m](row[2][m], ddim[2][m]) for m in METRICS)))
+        if 4 in steps:
+            out.append((f"{name} 4 steps: adherence and FD at least DDIM-4's",
+                        all(at_least[m](row[4][m], ddim[4][m]) for m in ("both", "fd"))))
+        if 2 in steps and 4 in steps:
+            out.append((f"{name} moonshot: 2 steps as good as DDIM-4 on all three",
+                        all(at_least[m](row[2][m], ddim[4][m]) for m in METRICS)))
+    return out
+
+
+def markdown(rows, steps, refs, targets):
+    lines = []
+    for metric, label in LABELS.items():
+        lines += [f"**{label}**", "", "| method | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps) + " |",
+                  "| --- |" + " ---: |" * len(steps)]
+        for name, row in rows.items():
+            cells = []
+            for s in steps:
+                v = row[s][metric]
+                cell = f"{v:.3f}" if metric != "both" else f"{100 * v:.1f}%"
+                if "spacing" in row[s]:
+                    cell += f" ({row[s]['spacing'][metric][0]})"
+                cells.append(cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ref = refs["DDIM-50 (reference)"]
+    lines.append(f"Teacher DDIM-50 with CFG (the endpoint reference): colour+shape {100 * ref['both']:.1f}% "
+                 f"(colour {100 * ref['color']:.1f}%, shape {100 * ref['shape']:.1f}%), FD {ref['fd']:.3f}. "
+                 f"FD floor (two sets of real images): {refs['real vs real']['fd']:.3f}; "
+                 f"VAE reconstructions of the real images: {refs['VAE reconstruction']['fd']:.3f}. "
+                 "DDIM spacing in brackets: l = leading, t = trailing.")
+    lines += ["", "Targets:", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="assets/shapes-teacher")
+    p.add_argument("--full", default=None, help="output_dir of train_lcm_distill.py (unet/ + scheduler/).")
+    p.add_argument("--lora", default=None, help="output_dir of train_lcm_lora.py.")
+    p.add_argument("--num_prompts", type=int, default=256, help="Held-out prompts (and real images for FD).")
+    p.add_argument("--steps", default="1,2,4,8")
+    p.add_argument("--guidance_scale", type=float, default=6.0,
+                   help="Teacher CFG scale; the full student gets the same (its w-embedding is w = scale - 1).")
+    p.add_argument("--lora_guidance_scale", type=float, default=1.0, help="LCM-LoRA bakes CFG in: no CFG pass.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/quality")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    started = time.time()
+
+    real_images, captions = zip(*shapes.samples("heldout", args.num_prompts))
+    real_feats = shapes.image_features(real_images)
+    teacher = ev.load_teacher_pipeline(args.teacher, args.device)
+    noise = ev.initial_noise(len(captions), teacher, args.seed)
+
+    reference = ev.sample_latents(teacher, captions, noise, 50, args.guidance_scale,
+                                  scheduler=ev.ddim(teacher, "leading"))
+    refs = {"DDIM-50 (reference)": score(teacher, reference, reference, captions, real_feats)}
+    other_real = shapes.image_features([im for im, _ in shapes.samples("reference", args.num_prompts)])
+    refs["real vs real"] = {"fd": shapes.frechet_distance(other_real, real_feats)}
+    recon = ev.decode(teacher, teacher.vae.encode(ev.to_pixels(real_images).to(args.device)).latent_dist.mean
+                      * teacher.vae.config.scaling_factor)
+    refs["VAE reconstruction"] = {"fd": shapes.frechet_distance(shapes.image_features(recon), real_feats),
+                                  **shapes.adherence(recon, captions)}
+    print(f"reference done ({time.time() - started:.0f}s)", flush=True)
+
+    rows = {"DDIM (teacher, CFG)": {}}
+    for s in steps:
+        by_spacing = {sp: score(teacher, ev.sample_latents(teacher, captions, noise, s, args.guidance_scale,
+                                                           scheduler=ev.ddim(teacher, sp)), reference, captions,
+                                real_feats) for sp in ("leading", "trailing")}
+        best = {m: pick(by_spacing, key=lambda sp: by_spacing[sp][m]) for m, pick in METRICS.items()}
+        rows["DDIM (teacher, CFG)"][s] = {**{m: by_spacing[best[m]][m] for m in METRICS},
+                                          "spacing": best, "all": by_spacing}
+    print(f"teacher done ({time.time() - started:.0f}s)", flush=True)
+    del teacher.unet
+    for name, kind, path, scale in (("LCM (full)", "full", args.full, args.guidance_scale),
+                                    ("LCM-LoRA", "lora", args.lora, args.lora_guidance_scale)):
+        if not path:
+            continue
+        student = ev.load_student_pipeline(args.teacher, path, kind, args.device)
+        rows[name] = {s: score(student, ev.sample_latents(student, captions, noise, s, scale, seed=args.seed),
+                               reference, captions, real_feats) for s in steps}
+        print(f"{name} done ({time.time() - started:.0f}s)", flush=True)
+
+    targets = check_targets(rows, steps)
+    table = markdown(rows, steps, refs, targets)
+    print(table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write(f"`python {' '.join(sys.argv)}` ({args.num_prompts} held-out prompts, seed {args.seed}, "
+                f"{args.device}, {time.time() - started:.0f}s)\n\n" + table)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"args": vars(args), "rows": {k: {str(s): v for s, v in r.items()} for k, r in rows.items()},
+                   "references": refs, "targets": [{"target": t, "met": ok} for t, ok in targets]}, f, indent=1)
+    print(f"wrote {args.out}.md and {args.out}.json")
+
+
+if __name__ == "__main__":
+    main()

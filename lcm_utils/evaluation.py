@@ -1,0 +1,88 @@
+"""Sampling teachers and distilled students with stock diffusers pipelines from fixed noise, for comparisons.
+
+Everything goes through `StableDiffusionPipeline` with a swapped scheduler, so the numbers describe what a
+user loading the outputs gets. All functions take the initial latents explicitly: the same noise for every
+method is what makes the endpoint error (LCM paper, sec. 5: the PF-ODE solution from that noise) meaningful.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def load_teacher_pipeline(teacher, device):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_student_pipeline(teacher, model_dir, kind, device):
+    """`kind` 'full': the output_dir of train_lcm_distill.py; 'lora': that of train_lcm_lora.py. Both sample with
+    the LCMScheduler config exported next to them."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    scheduler = LCMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    extra = {"unet": UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")} if kind == "full" else {}
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, scheduler=scheduler, safety_checker=None,
+                                                   requires_safety_checker=False, **extra)
+    if kind == "lora":
+        pipe.load_lora_weights(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def initial_noise(num, pipe, seed):
+    """[num, C, h, w] standard normal latents for the pipeline's default resolution, from `seed` (CPU RNG)."""
+    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    return torch.randn(num, c, h, h, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=128, scheduler=None):
+    """Run the pipeline from `noise` [N, C, h, w]; returns final latents [N, C, h, w] (scaled, as the UNet sees).
+
+    `seed` drives the fresh noise that multistep LCM sampling injects between steps (DDIM with eta 0 uses none)."""
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    out = []
+    device = pipe.device
+    size = noise.shape[-1] * pipe.vae_scale_factor
+    for start in range(0, len(prompts), chunk):
+        z = noise[start:start + chunk].to(device) * pipe.scheduler.init_noise_sigma
+        g = torch.Generator(device).manual_seed(seed + start)
+        res = pipe(list(prompts[start:start + chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                   latents=z, height=size, width=size, output_type="latent", generator=g)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def ddim(pipe, spacing):
+    """The teacher's own DDIM scheduler config with `timestep_spacing` ('leading' as SD ships, or 'trailing')."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+
+
+@torch.no_grad()
+def decode(pipe, latents, chunk=256):
+    """Scaled latents [N, C, h, w] -> list of N PIL images."""
+    images = []
+    for z in latents.split(chunk):
+        x = pipe.vae.decode(z.to(pipe.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images.extend(Image.fromarray(a) for a in x)
+    return images
+
+
+def to_pixels(images):
+    """PIL images -> [N, 3, H, W] float in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def endpoint_error(latents, reference):
+    """Mean squared distance to the reference latents over the reference's variance: 0 is exact, and an
+    independent draw with the reference's mean and variance scores 2."""
+    return float(((latents - reference) ** 2).mean() / reference.var())

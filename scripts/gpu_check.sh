@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
+# teacher, then the two benchmarks at Stable Diffusion 1.5's shapes. Offline; about 3-4 minutes on one H100.
+#
+#   OUT=/some/folder bash scripts/gpu_check.sh
+#
+# Writes $OUT/gpu_check.log (everything), $OUT/samples.png (stock-pipeline samples of each output, 8x upscaled)
+# and $OUT/val_*.png (the runs' validation grids). Each step prints PASS or FAIL; a failed step does not stop
+# the others. Wheels in .whl/ (diffusers, webdataset, ...) are installed to /tmp/site first when present,
+# unless GPU_CHECK_NO_WHEELS=1. Without CUDA (a dry run of the plumbing on CPU) the mixed-precision runs use
+# --mixed_precision no and the benchmarks use small shapes; GPU_CHECK_SMALL=1 picks the small shapes on a GPU too.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder for the log and images}
+mkdir -p "$OUT"
+export ROOT=$PWD W=${GPU_CHECK_WORK:-/tmp/gpu_check} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 OUT
+BUDGET=${GPU_CHECK_BUDGET:-240}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
+DEADLINE=$((SECONDS + BUDGET))
+
+step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print PASS/FAIL, never stop the script
+    local name=$1 limit=$2 fn=$3 t0=$SECONDS rc left=$((DEADLINE - SECONDS))
+    echo
+    if [ "$left" -lt 20 ]; then
+        echo "=== SKIP $name (out of time: GPU_CHECK_BUDGET=${BUDGET}s)"
+        RESULTS+=("SKIP $name (out of time)")
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
+    echo "=== [$name] start (limit ${limit}s, at ${SECONDS}s)"
+    timeout -k 10 "$limit" bash -c "set -o pipefail; $fn"
+    rc=$?
+    echo  # a killed progress bar leaves its line open
+    local took=$((SECONDS - t0)) why=""
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && why=", timed out"
+    if [ $rc -eq 0 ]; then
+        echo "=== PASS $name (${took}s)"
+        RESULTS+=("PASS $name (${took}s)")
+    else
+        echo "=== FAIL $name (rc $rc$why, ${took}s)"
+        RESULTS+=("FAIL $name (rc $rc$why, ${took}s)")
+    fi
+}
+
+launch() {  # launch SCRIPT PRECISION FLAGS...: accelerate launch, one process; precision "no" without CUDA
+    local script=$1 mp=$2
+    shift 2
+    if [ "$HAS_CUDA" = 1 ]; then
+        local mode=(--num_processes 1)
+    else
+        local mode=(--cpu --num_processes 1)
+        mp=no
+        export ACCELERATE_USE_CPU=1
+    fi
+    python3 -m accelerate.commands.launch "${mode[@]}" --num_machines 1 --mixed_precision "$mp" \
+        --dynamo_backend no "$ROOT/$script" --mixed_precision "$mp" "$@"
+}
+
+tiny_flags() {  # tests/conftest.py base_args, with the shards, checkpoints at 10 and 20, validation at the end
+    echo --pretrained_teacher_model "$W/teacher" --train_shards_path_or_url "$W/shards/{00000..00003}.tar" \
+        --resolution 16 --train_batch_size 4 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 0 \
+        --num_ddim_timesteps 50 --checkpointing_steps 10 --checkpoints_total_limit 2
+}
+
+train_and_resume() {  # train_and_resume SCRIPT PRECISION NAME FLAGS...: 20 steps, then resume from latest to 25
+    local script=$1 mp=$2 name=$3 log
+    shift 3
+    local out=$W/$name
+    rm -rf "$out"
+    # shellcheck disable=SC2046
+    launch "$script" "$mp" $(tiny_flags) --output_dir "$out" --max_train_steps 20 --validation_steps 20 \
+        --validation_prompts "a red square" "a blue circle" --validation_inference_steps 1 2 4 "$@" || return 1
+    for f in unet/diffusion_pytorch_model.safetensors unet_target scheduler/scheduler_config.json checkpoint-10 \
+             checkpoint-20 validation/step-000020.png; do
+        [ -e "$out/$f" ] || { echo "missing $out/$f"; return 1; }
+    done
+    log=$W/$name.resume.log
+    # shellcheck disable=SC2046
+    launch "$script" "$mp" $(tiny_flags) --output_dir "$out" --max_train_steps 25 --validation_steps 25 \
+        --validation_prompts "a red square" "a blue circle" --validation_inference_steps 1 2 4 \
+        --resume_from_checkpoint latest "$@" 2>&1 | tee "$log" || return 1
+    grep -q "resumed from $out/checkpoint-20 at step 20" "$log" || { echo "no 'resumed from checkpoint-20'"; return 1; }
+    [ -e "$out/validation/step-000025.png" ] || { echo "missing validation/step-000025.png"; return 1; }
+}
+
+# ---------------------------------------------------------------------------------------------------- the steps
+s_wheels() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+
+s_versions() {
+    command -v nvidia-smi >/dev/null && nvidia-smi -L
+    python3 - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "webdataset", "huggingface_hub",
+             "safetensors", "numpy", "PIL"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:16} {getattr(m, '__version__', '?'):14} {m.__file__}")
+    except Exception as e:
+        print(f"{name:16} MISSING ({type(e).__name__}: {e})")
+import torch
+print("cuda available", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+}
+
+s_assets() {
+    rm -rf "$W/teacher" "$W/shards"
+    python3 -c "
+import os, sys
+sys.path.insert(0, os.environ['ROOT'])
+from lcm_utils.tiny import build_tiny_teacher, build_wds_shards
+W = os.environ['W']
+print(build_tiny_teacher(os.path.join(W, 'teacher'), 'epsilon', seed=0))
+print(build_wds_shards(os.path.join(W, 'shards'), num_shards=4, per_shard=16, size=20))
+"
+}
+
+# fp16: teacher cast to fp16, 2 data workers, tensorboard logging of scalars and grids.
+s_full_fp16() {
+    train_and_resume train_lcm_distill.py fp16 full_fp16 --cast_teacher_unet --dataloader_num_workers 2 \
+        --report_to tensorboard
+}
+# bf16: fp32 teacher under autocast, gradient checkpointing, TF32.
+s_full_bf16() {
+    train_and_resume train_lcm_distill.py bf16 full_bf16 --gradient_checkpointing --allow_tf32 \
+        --report_to tensorboard
+}
+s_lora_fp16() {
+    local out=$W/lora_fp16
+    rm -rf "$out"
+    # shellcheck disable=SC2046
+    launch train_lcm_lora.py fp16 $(tiny_flags) --output_dir "$out" --max_train_steps 20 --validation_steps 20 \
+        --validation_prompts "a red square" "a blue circle" --validation_inference_steps 1 2 4 \
+        --lora_rank 8 --lora_alpha 8 --cast_teacher_unet --report_to tensorboard || return 1
+    for f in pytorch_lora_weights.safetensors scheduler/scheduler_config.json checkpoint-20 validation/step-000020.png; do
+        [ -e "$out/$f" ] || { echo "missing $out/$f"; return 1; }
+    done
+}
+
+s_losses() {  # every logged train/loss of the three runs is finite (fp16 overflow would show here first)
+    python3 - <<'EOF'
+import glob, math, os
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+bad = []
+for run in ("full_fp16", "full_bf16", "lora_fp16"):
+    losses = {}
+    for f in sorted(glob.glob(os.path.join(os.environ["W"], run, "logs", "**", "events.out.tfevents*"), recursive=True)):
+        acc = EventAccumulator(f, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars("train/loss")})
+    steps = sorted(losses)
+    finite = all(math.isfinite(v) for v in losses.values())
+    print(f"{run:<10} {len(steps)} logged steps ({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), "
+          f"all finite {finite}: " + " ".join(f"{losses[s]:.3g}" for s in steps))
+    if not steps or not finite:
+        bad.append(run)
+assert not bad, bad
+EOF
+}
+
+s_sample() {  # load each output with stock diffusers pipelines in fp16 on cuda (fp32 on CPU), as the README does
+    python3 - <<'EOF'
+import os
+import numpy as np
+import torch
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+W = os.environ["W"]
+teacher = os.path.join(W, "teacher")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.float16 if device == "cuda" else torch.float32
+kw = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
+images, failures = [], []
+
+
+def sample(pipe, label, guidance, steps=4):
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red square", num_inference_steps=steps, guidance_scale=guidance, height=16, width=16,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ok = bool(np.isfinite(img).all() and img.max() > 0.01)
+    print(f"{label:<44} {'ok ' if ok else 'BAD'} shape {img.shape} min {np.nanmin(img):.3f} max {np.nanmax(img):.3f} "
+          f"mean {np.nanmean(img):.3f} finite {bool(np.isfinite(img).all())}")
+    if not ok:
+        failures.append(label)
+    images.append(np.nan_to_num(img))
+    return img
+
+
+for run in ("full_fp16", "full_bf16"):
+    out = os.path.join(W, run)
+    if not os.path.isdir(os.path.join(out, "unet")):
+        print(f"{run}: no output to sample"); failures.append(run); continue
+    scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    print(f"{run}: scheduler timestep_scaling {scheduler.config.timestep_scaling}, "
+          f"original_inference_steps {scheduler.config.original_inference_steps}")
+    for sub in ("unet", "unet_target"):
+        unet = UNet2DConditionModel.from_pretrained(out, subfolder=sub, dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(teacher, unet=unet, scheduler=scheduler, **kw).to(device)
+        sample(pipe, f"{run}/{sub} StableDiffusionPipeline 4 steps", 6.0)
+        if sub == "unet":
+            sample(pipe, f"{run}/{sub} StableDiffusionPipeline 1 step", 6.0, steps=1)
+            lcm = LatentConsistencyModelPipeline.from_pretrained(teacher, unet=unet, scheduler=scheduler, **kw).to(device)
+            sample(lcm, f"{run}/{sub} LatentConsistencyModelPipeline", 6.0)
+        del pipe
+
+out = os.path.join(W, "lora_fp16")
+if os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors")):
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, **kw).to(device)
+    pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe.load_lora_weights(out)
+    a = sample(pipe, "lora_fp16 load_lora_weights", 1.0)
+    pipe.fuse_lora()
+    b = sample(pipe, "lora_fp16 fuse_lora", 1.0)
+    diff = float(np.abs(a - b).max())
+    print(f"lora: max |unfused - fused| = {diff:.4f}")
+    if not diff < 0.1:
+        failures.append("lora fused differs")
+else:
+    print("lora_fp16: no output to sample"); failures.append("lora_fp16")
+
+if images:
+    row = np.concatenate([np.kron(im, np.ones((8, 8, 1))) for im in images], axis=1)
+    Image.fromarray((row * 255).round().astype(np.uint8)).save(os.path.join(os.environ["OUT"], "samples.png"))
+    print(f"saved samples.png: {len(images)} images left to right in the order above")
+assert not failures, failures
+EOF
+}
+
+s_lora_memory() {
+    if [ "$SMALL" = 1 ]; then
+        python3 benchmarks/lora_memory.py --unet_channels 32,64 --layers_per_block 2 --cross_attention_dim 64 \
+            --vae_channels 32,32,32,32 --resolution 64 --train_batch_size 2 --steps 2 --lora_rank 4
+    else
+        python3 benchmarks/lora_memory.py --sd15_shape --resolution 512 --train_batch_size 4 --steps 3 \
+            --mixed_precision fp16
+    fi
+}
+s_batching() {
+    if [ "$SMALL" = 1 ]; then
+        python3 benchmarks/teacher_batching.py --unet_channels 32,64 --layers_per_block 2 --cross_attention_dim 64 \
+            --vae_channels 32,32,32,32 --resolution 64 --batch_size 2 1 --steps 2 --repeats 1 --dtype bf16
+    else
+        python3 benchmarks/teacher_batching.py --sd15_shape --resolution 512 --batch_size 8 2 --steps 5 --repeats 3 \
+            --dtype fp16
+    fi 2>&1 | tee "$W/batching.log"
+}
+export -f step launch tiny_flags train_and_resume s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
+    s_losses s_sample s_lora_memory s_batching
+
+main() {
+    RESULTS=()
+    echo "gpu_check start $(date -u +%FT%TZ) in $ROOT, work folder $W"
+    rm -rf "$W" && mkdir -p "$W"
+    if [ -d .whl ] && [ "${GPU_CHECK_NO_WHEELS:-0}" != 1 ]; then
+        step wheels 60 s_wheels
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "=== wheels: skipped (no .whl/ or GPU_CHECK_NO_WHEELS=1)"
+    fi
+    step versions 45 s_versions
+    HAS_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+    SMALL=${GPU_CHECK_SMALL:-0}
+    [ "$HAS_CUDA" = 1 ] || SMALL=1
+    export HAS_CUDA SMALL
+    echo "HAS_CUDA=$HAS_CUDA SMALL=$SMALL$([ "$HAS_CUDA" = 1 ] || echo ' (no CUDA: mixed-precision runs use --mixed_precision no)')"
+
+    # The throughput benchmark runs alone first. The memory benchmark measures per-process peaks (CUDA peak
+    # allocation), so it runs in the background beside the training checks.
+    step teacher_batching 90 s_batching
+    ( RESULTS=(); step lora_memory 180 s_lora_memory > "$W/lora_memory.log" 2>&1
+      printf '%s\n' "${RESULTS[@]}" > "$W/lora_memory.result" ) &
+    local bench_pid=$!
+
+    step assets 45 s_assets
+    step full_fp16_train+resume 100 s_full_fp16
+    step full_bf16_train+resume 100 s_full_bf16
+    step lora_fp16_train 60 s_lora_fp16
+    step losses_finite 30 s_losses
+    step sample_stock_pipelines 60 s_sample
+    for pair in full_fp16:25 full_bf16:25 lora_fp16:20; do
+        local src=$W/${pair%%:*}/validation/step-0000${pair##*:}.png
+        [ -f "$src" ] && cp "$src" "$OUT/val_${pair%%:*}.png"
+    done
+
+    echo
+    echo "=== waiting for lora_memory (started in the background after teacher_batching; at ${SECONDS}s)"
+    wait "$bench_pid"
+    cat "$W/lora_memory.log"
+    mapfile -t -O "${#RESULTS[@]}" RESULTS < "$W/lora_memory.result" 2>/dev/null \
+        || RESULTS+=("FAIL lora_memory (no result)")
+
+    echo
+    echo "=== figures"
+    grep -A4 "^UNet parameters" "$W/lora_memory.log" || echo "(no lora_memory table)"
+    grep -A3 "^device " "$W/batching.log" 2>/dev/null || echo "(no teacher_batching figures)"
+    echo "=== summary (total ${SECONDS}s, HAS_CUDA=$HAS_CUDA, SMALL=$SMALL)"
+    printf '%s\n' "${RESULTS[@]}"
+    ls -la "$OUT"
+    ! printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
