@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcm_utils import evaluation as ev  # noqa: E402
 from lcm_utils import shapes  # noqa: E402
 
+UNTRAINED = "LCM, untrained student"
 METRICS = {"endpoint": min, "both": max, "fd": min}  # which way is better
 LABELS = {"endpoint": "endpoint error (lower is better)", "both": "colour+shape right (higher is better)",
           "fd": "Frechet distance to real images (lower is better)"}
@@ -45,7 +46,7 @@ def check_targets(rows, steps):
     better = {"endpoint": lambda a, b: a < b, "both": lambda a, b: a > b, "fd": lambda a, b: a < b}
     at_least = {"endpoint": lambda a, b: a <= b, "both": lambda a, b: a >= b, "fd": lambda a, b: a <= b}
     for name, row in rows.items():
-        if name.startswith("DDIM"):
+        if name.startswith("DDIM") or name == UNTRAINED:
             continue
         if 1 in steps:
             out.append((f"{name} 1 step: endpoint <= half of DDIM-1's",
@@ -131,7 +132,19 @@ def main():
         rows["DDIM (teacher, CFG)"][s] = {**{m: by_spacing[best[m]][m] for m in METRICS},
                                           "spacing": best, "all": by_spacing}
     print(f"teacher done ({time.time() - started:.0f}s)", flush=True)
-    del teacher.unet
+    # The student at step 0 (the teacher plus a zero-initialised w-embedding) sampled as LCM: what training adds.
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from lcm_utils.teacher import build_student
+
+    untrained = StableDiffusionPipeline.from_pretrained(
+        args.teacher, unet=build_student(teacher.unet, 256), scheduler=LCMScheduler.from_config(teacher.scheduler.config),
+        safety_checker=None, requires_safety_checker=False).to(args.device)
+    untrained.set_progress_bar_config(disable=True)
+    rows[UNTRAINED] = {s: score(untrained, ev.sample_latents(untrained, captions, noise, s, args.guidance_scale,
+                                                             seed=args.seed), reference, captions, real_feats)
+                       for s in steps}
+    del teacher.unet, untrained
     for name, kind, path, scale in (("LCM (full)", "full", args.full, args.guidance_scale),
                                     ("LCM-LoRA", "lora", args.lora, args.lora_guidance_scale)):
         if not path:
