@@ -4,8 +4,8 @@
     python benchmarks/quality.py --full demo-output/quality-full --lora demo-output/quality-lora
 
 For held-out prompts and one fixed set of initial noises, samples the teacher with DDIM + CFG at 1/2/4/8 steps
-(the better of 'leading' and 'trailing' spacing, per metric) and each student with LCMScheduler at 1/2/4/8
-steps, and scores every sample set on
+(the better of 'leading' and 'trailing' spacing, per metric), the untrained student (the teacher plus a zero
+w-embedding) and each trained student with LCMScheduler at 1/2/4/8 steps, and scores every sample set on
   endpoint  latent MSE to the teacher's 50-step DDIM result from the same noise and prompt, over that result's
             variance (how well the PF-ODE endpoint is reached; lower is better);
   both      fraction of decoded images whose colour and shape the pixel judge reads as the prompt says;
