@@ -65,10 +65,7 @@ def build_unet(args, resolution):
         layers_per_block=args.layers_per_block, block_out_channels=tuple(args.unet_channels),
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-        cross_attention_dim=args.cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
-        # Named, so it is not in config["_use_default_values"]: from_config would drop the value that
-        # lcm_utils.teacher.build_student sets on a copy of this config (a UNet loaded from disk has no such list).
-        time_cond_proj_dim=None)
+        cross_attention_dim=args.cross_attention_dim, attention_head_dim=8, norm_num_groups=32)
 
 
 def build_teacher(out_dir, args, resolution):

@@ -117,8 +117,9 @@ def main():
     refs = {"DDIM-50 (reference)": score(teacher, reference, reference, captions, real_feats)}
     other_real = shapes.image_features([im for im, _ in shapes.samples("reference", args.num_prompts)])
     refs["real vs real"] = {"fd": shapes.frechet_distance(other_real, real_feats)}
-    recon = ev.decode(teacher, teacher.vae.encode(ev.to_pixels(real_images).to(args.device)).latent_dist.mean
-                      * teacher.vae.config.scaling_factor)
+    with torch.no_grad():
+        recon_latents = teacher.vae.encode(ev.to_pixels(real_images).to(args.device)).latent_dist.mean
+    recon = ev.decode(teacher, recon_latents * teacher.vae.config.scaling_factor)
     refs["VAE reconstruction"] = {"fd": shapes.frechet_distance(shapes.image_features(recon), real_feats),
                                   **shapes.adherence(recon, captions)}
     print(f"reference done ({time.time() - started:.0f}s)", flush=True)
@@ -132,15 +133,7 @@ def main():
         rows["DDIM (teacher, CFG)"][s] = {**{m: by_spacing[best[m]][m] for m in METRICS},
                                           "spacing": best, "all": by_spacing}
     print(f"teacher done ({time.time() - started:.0f}s)", flush=True)
-    # The student at step 0 (the teacher plus a zero-initialised w-embedding) sampled as LCM: what training adds.
-    from diffusers import LCMScheduler, StableDiffusionPipeline
-
-    from lcm_utils.teacher import build_student
-
-    untrained = StableDiffusionPipeline.from_pretrained(
-        args.teacher, unet=build_student(teacher.unet, 256), scheduler=LCMScheduler.from_config(teacher.scheduler.config),
-        safety_checker=None, requires_safety_checker=False).to(args.device)
-    untrained.set_progress_bar_config(disable=True)
+    untrained = ev.load_untrained_student_pipeline(teacher)  # what training adds is measured against this
     rows[UNTRAINED] = {s: score(untrained, ev.sample_latents(untrained, captions, noise, s, args.guidance_scale,
                                                              seed=args.seed), reference, captions, real_feats)
                        for s in steps}

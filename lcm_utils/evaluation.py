@@ -33,6 +33,20 @@ def load_student_pipeline(teacher, model_dir, kind, device):
     return pipe.to(device)
 
 
+def load_untrained_student_pipeline(teacher_pipe):
+    """The student at step 0 (teacher weights plus a zero-initialised w-embedding) with the default LCMScheduler,
+    sharing the teacher pipeline's other parts: what distillation starts from."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from .teacher import build_student
+
+    parts = {k: v for k, v in teacher_pipe.components.items() if k not in ("unet", "scheduler")}
+    pipe = StableDiffusionPipeline(**parts, unet=build_student(teacher_pipe.unet, 256),
+                                   scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(teacher_pipe.device)
+
+
 def initial_noise(num, pipe, seed):
     """[num, C, h, w] standard normal latents for the pipeline's default resolution, from `seed` (CPU RNG)."""
     c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size

@@ -7,9 +7,7 @@ and `image_features` + `frechet_distance` for an FID-style distance, so no learn
 """
 
 import argparse
-import io
 import os
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,21 +73,15 @@ def samples(split, count, start=0, size=IMAGE_SIZE):
 
 def write_shards(out_dir, split="train", count=8000, per_shard=1000, size=IMAGE_SIZE):
     """Write `split` as webdataset shards `<split>-00000.tar...` (.png + .txt); returns the brace pattern."""
+    from .tiny import write_shard
+
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-count // per_shard)
     for shard in range(num_shards):
-        part = os.path.join(out_dir, f"{split}-{shard:05d}.tar.partial")
-        with tarfile.open(part, "w") as tar:
-            n = min(per_shard, count - shard * per_shard)
-            for j, (img, caption) in enumerate(samples(split, n, shard * per_shard, size)):
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                key = f"{shard * per_shard + j:07d}"
-                for ext, data in (("png", buf.getvalue()), ("txt", caption.encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(part, part[: -len(".partial")])
+        first = shard * per_shard
+        pairs = samples(split, min(per_shard, count - first), first, size)
+        write_shard(os.path.join(out_dir, f"{split}-{shard:05d}.tar"),
+                    ((f"{first + j:07d}", img, caption) for j, (img, caption) in enumerate(pairs)), "PNG")
     return os.path.join(out_dir, f"{split}-{{00000..{num_shards - 1:05d}}}.tar")
 
 

@@ -126,19 +126,27 @@ def build_image_folder(out_dir, num_images=16, size=32, captions="metadata"):
     return out_dir
 
 
+def write_shard(path, samples, image_format="JPEG"):
+    """Write one webdataset tar of (key, PIL image, caption) samples as <key>.jpg|png + <key>.txt, under a
+    temporary name renamed into place, so an interrupted write never leaves a truncated shard."""
+    ext = {"JPEG": "jpg", "PNG": "png"}[image_format]
+    with tarfile.open(path + ".partial", "w") as tar:
+        for key, img, caption in samples:
+            buf = io.BytesIO()
+            img.save(buf, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+            for name, data in ((f"{key}.{ext}", buf.getvalue()), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(path + ".partial", path)
+
+
 def build_wds_shards(out_dir, num_shards=2, per_shard=8, size=32):
     """Write webdataset shards {00000..} holding .jpg + .txt samples; returns the brace pattern."""
     os.makedirs(out_dir, exist_ok=True)
     for s in range(num_shards):
-        with tarfile.open(os.path.join(out_dir, f"{s:05d}.tar"), "w") as tar:
-            for j in range(per_shard):
-                img, caption = toy_sample(s * per_shard + j, size)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=95)
-                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode())):
-                    info = tarfile.TarInfo(f"{s:05d}{j:04d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        write_shard(os.path.join(out_dir, f"{s:05d}.tar"),
+                    ((f"{s:05d}{j:04d}", *toy_sample(s * per_shard + j, size)) for j in range(per_shard)))
     return os.path.join(out_dir, "{%05d..%05d}.tar" % (0, num_shards - 1))
 
 

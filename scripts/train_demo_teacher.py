@@ -118,8 +118,9 @@ def train_unet(unet, text_encoder, latents, caption_ids, prompt_ids, args, devic
     text_encoder.requires_grad_(not args.freeze_text_encoder)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     prompt_ids = prompt_ids.to(device)
-    with torch.no_grad():
-        table = text_encoder.to(device)(prompt_ids)[0]
+    if args.freeze_text_encoder:
+        with torch.no_grad():
+            table = text_encoder.to(device)(prompt_ids)[0]
     started = time.time()
 
     def progress(step):  # with --unet_minutes the cosine decay also ends when the time is up

@@ -73,10 +73,6 @@ def test_short_distillation_makes_few_step_samples_follow_the_prompt(tmp_path):
     itself is not the signal here: a posterior mean is the MSE-optimal guess, so the untrained student starts low
     (0.29) and a short run's sharper samples score 0.38; it falls with longer training (README "Quality on the
     shapes demo")."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
-
-    from lcm_utils.teacher import build_student
-
     shards = shapes.write_shards(str(tmp_path / "shapes"), "train", count=1024, per_shard=512)
     captions = [c for _, c in shapes.samples("heldout", 64)]
     teacher = ev.load_teacher_pipeline(TEACHER, "cpu")
@@ -94,10 +90,7 @@ def test_short_distillation_makes_few_step_samples_follow_the_prompt(tmp_path):
                               fd=shapes.frechet_distance(shapes.image_features(images), real))
         return out
 
-    before = StableDiffusionPipeline.from_pretrained(
-        TEACHER, unet=build_student(teacher.unet, 256), scheduler=LCMScheduler.from_config(teacher.scheduler.config))
-    before.set_progress_bar_config(disable=True)
-    start = measure(before)
+    start = measure(ev.load_untrained_student_pipeline(teacher))
 
     out = str(tmp_path / "lcm")
     check_ok(launch("train_lcm_distill.py", [
