@@ -16,7 +16,7 @@ from lcm_utils.checkpoint import load_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update, guidance_embedding
 from lcm_utils.teacher import build_student
-from lcm_utils.training import DistillationMethod, main, stock_pipeline
+from lcm_utils.training import DistillationMethod, main, pretrained_parts, stock_pipeline, vae_import
 
 class FullDistillation(DistillationMethod):
     name = "full LCM distillation"
@@ -38,6 +38,7 @@ class FullDistillation(DistillationMethod):
 
     def build(self, teacher, args, weight_dtype):
         self.teacher_unet = teacher.unet
+        self.family, self.args = teacher.family, args
         self.student = build_student(teacher.unet, args.unet_time_cond_proj_dim).to(teacher.unet.device).train()
         if args.cast_teacher_unet:  # only after the student copied the fp32 weights
             teacher.unet.to(dtype=weight_dtype)
@@ -74,17 +75,20 @@ class FullDistillation(DistillationMethod):
 
     def export(self, output_dir):
         self.save_state(output_dir)
+        pipeline, guidance = self.family.pipeline_class_name, self.args.w_min + 1
+        also = ("\n\n`LatentConsistencyModelPipeline` loads it the same way." if pipeline == "StableDiffusionPipeline"
+                else "")
         return (
             "Use `unet/` (the online student; `unet_target/` is its EMA, often a little smoother):\n\n"
             "```python\n"
-            "from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel\n"
+            f"from diffusers import {vae_import(self.args)}LCMScheduler, {pipeline}, UNet2DConditionModel\n"
             f'unet = UNet2DConditionModel.from_pretrained("{output_dir}", subfolder="unet")\n'
             f'scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
-            'pipe = StableDiffusionPipeline.from_pretrained("<teacher>", unet=unet, scheduler=scheduler)\n'
-            'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.5).images[0]\n'
-            "```\n\n`LatentConsistencyModelPipeline.from_pretrained(\"<teacher>\", unet=unet, scheduler=scheduler)` "
-            "works the same way. The student takes the guidance w as an input (no CFG pass at sampling); "
-            "diffusers' pipelines feed it as `guidance_scale = w + 1`."
+            f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args)}, unet=unet, scheduler=scheduler)\n"
+            f'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={guidance:g}).images[0]\n'
+            f"```{also}\n\nThe student takes the guidance w as an input (no CFG pass at sampling); diffusers' "
+            f"pipelines feed it as `guidance_scale = w + 1`, so guidance_scale {self.args.w_min + 1:g} to "
+            f"{self.args.w_max + 1:g} is the trained range."
         )
 
     def validation_pipeline(self, folder, teacher, args, device):

@@ -17,7 +17,7 @@ import torch
 from lcm_utils.checkpoint import load_tensors, save_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update
-from lcm_utils.training import DistillationMethod, main, stock_pipeline
+from lcm_utils.training import DistillationMethod, main, pretrained_parts, stock_pipeline, vae_import
 
 # Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
 DEFAULT_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
@@ -60,6 +60,7 @@ class LoraDistillation(DistillationMethod):
         from peft import LoraConfig
 
         unet = self.student = teacher.unet
+        self.family, self.args = teacher.family, args
         if args.cast_teacher_unet:  # the frozen base is the teacher: its weights in the low precision
             unet.to(dtype=weight_dtype)
         try:
@@ -125,11 +126,10 @@ class LoraDistillation(DistillationMethod):
 
     def save_lora(self, folder, tensors=None):
         """Write the adapters in diffusers' LoRA format (+ their LoraConfig), loadable by pipe.load_lora_weights."""
-        from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.student, state_dict=tensors)
-        StableDiffusionPipeline.save_lora_weights(
+        self.family.pipeline_class().save_lora_weights(
             folder, unet_lora_layers=state, safe_serialization=True,
             unet_lora_adapter_metadata=self.student.peft_config["default"].to_dict())
 
@@ -142,8 +142,8 @@ class LoraDistillation(DistillationMethod):
         return (
             f"Use `{LORA_WEIGHTS}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
             "```python\n"
-            "from diffusers import LCMScheduler, StableDiffusionPipeline\n"
-            'pipe = StableDiffusionPipeline.from_pretrained("<base model>")\n'
+            f"from diffusers import {vae_import(self.args)}LCMScheduler, {self.family.pipeline_class_name}\n"
+            f"pipe = {self.family.pipeline_class_name}.from_pretrained({pretrained_parts(self.args)})\n"
             f'pipe.scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
             f'pipe.load_lora_weights("{output_dir}")\n'
             "pipe.fuse_lora()  # optional: merge the adapters into the UNet\n"

@@ -49,8 +49,15 @@ def add_shared_flags(parser):
                         "or a 'pipe:' command.")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="Image folder with metadata.jsonl (file_name + text) or a .txt caption next to each image.")
-    g.add_argument("--image_column", type=str, default="file_name", help="metadata.jsonl key of the image path.")
-    g.add_argument("--caption_column", type=str, default="text", help="metadata.jsonl key of the caption.")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="Hugging Face dataset: a Hub name, a local dataset folder (parquet, csv, json, imagefolder) or "
+                        "a folder written by Dataset.save_to_disk; its 'train' split is used (needs 'datasets').")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Config (subset) of --dataset_name.")
+    g.add_argument("--image_column", type=str, default=None,
+                   help="Image column of --dataset_name (default 'image'), or the metadata.jsonl key of the image "
+                        "path in --train_data_dir (default 'file_name'; 'image' means the same there).")
+    g.add_argument("--caption_column", type=str, default="text",
+                   help="Caption column of --dataset_name, or the metadata.jsonl key of the caption.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Use only this many samples per epoch (folder: the first N; shards: the epoch length).")
     g.add_argument("--resolution", type=int, default=512, help="Training resolution (square).")
@@ -62,6 +69,15 @@ def add_shared_flags(parser):
                    help="Fraction of captions replaced by the empty prompt.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0 works).")
     g.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of each shard reader.")
+    g.add_argument("--use_fix_crop_and_size", action="store_true",
+                   help="SDXL: condition on original size (resolution, resolution) and crop (0, 0) instead of each "
+                        "sample's own.")
+    g.add_argument("--min_original_size", type=int, default=None,
+                   help="Skip samples whose original height or width (metadata, else the image) is below this.")
+    g.add_argument("--max_watermark_probability", type=float, default=None,
+                   help="Skip samples whose 'pwatermark' (LAION json / dataset column) is above this.")
+    g.add_argument("--min_aesthetic_score", type=float, default=None,
+                   help="Skip samples whose 'aesthetic' score (LAION json / dataset column) is below this.")
 
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default="lcm-distilled", help="Checkpoints, logs and final weights.")
@@ -91,6 +107,9 @@ def add_shared_flags(parser):
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (needs xformers); PyTorch SDPA otherwise.")
     g.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")
+    g.add_argument("--encode_batch_size", type=int, default=None,
+                   help="Same as --vae_encode_batch_size (the name diffusers' SDXL datasets script uses, where it is "
+                        "parsed and ignored); wins when both are given.")
     g.add_argument("--local_rank", type=int, default=-1, help="Set by old launchers; LOCAL_RANK wins.")
 
     g = parser.add_argument_group("consistency distillation")
@@ -219,15 +238,27 @@ def read_json(folder, *parts):
 
 
 def check_teacher(args):
-    """Check the teacher folder layout; returns (scheduler config, vae config) dicts when local."""
+    """Check the teacher folder layout and family; returns (scheduler config, vae config) dicts when local."""
+    from .family import family_of
+
     local = resolve_local_model(args.pretrained_teacher_model, "--pretrained_teacher_model")
     if local is None:
         return None, None
-    for sub, fname in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json"),
-                       ("text_encoder", "config.json"), ("tokenizer", None)):
+    flag = "--pretrained_teacher_model"
+    if not os.path.isfile(os.path.join(local, "unet", "config.json")):
+        raise ConfigError(f"{flag}: '{local}' has no unet/config.json; pass a diffusers-format Stable Diffusion folder")
+    unet_cfg = read_json(local, "unet", "config.json")
+    family = family_of(unet_cfg)
+    for sub, fname in (("vae", "config.json"), ("scheduler", "scheduler_config.json")) + tuple(
+            (part, "config.json" if part.startswith("text_encoder") else None)
+            for pair in family.text_parts for part in pair):
         if not os.path.isdir(os.path.join(local, sub)) or (fname and not os.path.isfile(os.path.join(local, sub, fname))):
-            raise ConfigError(f"--pretrained_teacher_model: '{local}' has no {sub}/"
-                              f"{fname or ''}; pass a diffusers-format Stable Diffusion folder")
+            what = f"an {family.name} UNet (addition_embed_type {unet_cfg.get('addition_embed_type')!r}) but " \
+                if family.name == "SDXL" else ""
+            raise ConfigError(f"{flag}: '{local}' has {what}no {sub}/{fname or ''}; pass a complete diffusers-format "
+                              f"{family.name} folder")
+    if family.name == "SDXL":
+        check_sdxl_dimensions(local, unet_cfg)
     vae_cfg = read_json(local, "vae", "config.json")
     if args.pretrained_vae_model_name_or_path:
         vae_local = resolve_local_model(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
@@ -240,6 +271,21 @@ def check_teacher(args):
     return read_json(local, "scheduler", "scheduler_config.json"), vae_cfg
 
 
+def check_sdxl_dimensions(local, unet_cfg):
+    """The UNet's text width and added-embedding size must match the two text encoders (read from the configs,
+    so SSD-1B, Vega and fine-tunes pass without any hard-coded size)."""
+    te1, te2 = read_json(local, "text_encoder", "config.json"), read_json(local, "text_encoder_2", "config.json")
+    text_width = te1.get("hidden_size", 0) + te2.get("hidden_size", 0)
+    if unet_cfg.get("cross_attention_dim") not in (None, text_width):
+        raise ConfigError(f"--pretrained_teacher_model: unet cross_attention_dim {unet_cfg['cross_attention_dim']} "
+                          f"!= the two text encoders' widths {te1.get('hidden_size')} + {te2.get('hidden_size')}")
+    expected = (unet_cfg.get("addition_time_embed_dim") or 0) * 6 + te2.get("projection_dim", 0)
+    got = unet_cfg.get("projection_class_embeddings_input_dim")
+    if got != expected:
+        raise ConfigError(f"--pretrained_teacher_model: unet projection_class_embeddings_input_dim is {got}, but 6 "
+                          f"time ids x addition_time_embed_dim + text_encoder_2 projection_dim = {expected}")
+
+
 def require_package(module, flag, package=None):
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"{flag} needs the '{package or module}' package: pip install {package or module}")
@@ -250,6 +296,8 @@ def validate(args):
     if not args.pretrained_teacher_model:
         raise ConfigError("--pretrained_teacher_model is required: a diffusers-format folder or a Hub id")
     # The data flags (source, resolution, batch size, ...) are checked by data.check_data_spec.
+    if args.encode_batch_size is not None:
+        args.vae_encode_batch_size = args.encode_batch_size
     positive = ("num_train_epochs", "gradient_accumulation_steps", "num_ddim_timesteps", "checkpointing_steps",
                 "validation_steps", "vae_encode_batch_size")
     for name in positive + ("max_train_steps", "checkpoints_total_limit"):

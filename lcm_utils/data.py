@@ -1,4 +1,5 @@
-"""Deterministic, resumable (image, caption) training stream from webdataset shards or an image folder.
+"""Deterministic, resumable (image, caption) training stream from webdataset shards, an image folder or a
+Hugging Face dataset.
 
 Every random choice (epoch order, shuffle buffer, crop, flip, empty prompt) is drawn from numpy
 generators seeded by (seed, epoch, reader slot, sample index), so a stream restored from
@@ -50,7 +51,17 @@ SKIP_REASONS = (
     "bad_caption",
     "truncated_shard",
     "bad_metadata",
+    "bad_size_metadata",
+    # LAION-style filters: the reason names the flag that rejected the sample.
+    "filtered_min_original_size",
+    "filtered_max_watermark_probability",
+    "filtered_min_aesthetic_score",
 )
+FILTER_PREFIX = "filtered_"
+# Where a sample's original size (for SDXL's time ids and --min_original_size) is read, first match wins:
+# LAION's original_* fields hold the size before img2dataset resized it, width/height the stored size.
+SIZE_FIELDS = (("original_height", "original_width"), ("height", "width"))
+WATERMARK_FIELD, AESTHETIC_FIELD = "pwatermark", "aesthetic"
 # Counted next to the skip reasons, but the sample is kept.
 REENCODED = "caption_reencoded"
 METADATA_FILE = "metadata.jsonl"
@@ -72,9 +83,15 @@ class DataSpec:
     train_batch_size: int = 16
     dataloader_num_workers: int = 0
     shuffle_buffer_size: int = 1000
-    image_column: str = "file_name"
+    image_column: Optional[str] = None  # folder: metadata.jsonl key (file_name); dataset: column (image)
     caption_column: str = "text"
     seed: int = 0
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    cache_dir: Optional[str] = None
+    min_original_size: Optional[int] = None
+    max_watermark_probability: Optional[float] = None
+    min_aesthetic_score: Optional[float] = None
 
 
 class DataError(ValueError):
@@ -132,6 +149,10 @@ def _check_numbers(spec: DataSpec) -> None:
         raise DataError(f"--max_train_samples must be > 0 or unset, got {spec.max_train_samples}")
     if spec.shuffle_buffer_size < 0:
         raise DataError(f"--shuffle_buffer_size must be >= 0, got {spec.shuffle_buffer_size}")
+    if spec.min_original_size is not None and spec.min_original_size <= 0:
+        raise DataError(f"--min_original_size must be > 0 or unset, got {spec.min_original_size}")
+    if spec.max_watermark_probability is not None and not 0.0 <= spec.max_watermark_probability <= 1.0:
+        raise DataError(f"--max_watermark_probability must be in [0, 1] or unset, got {spec.max_watermark_probability}")
     if spec.interpolation_type.lower() not in INTERPOLATIONS:
         names = "|".join(INTERPOLATIONS)
         raise DataError(f"--interpolation_type: unknown filter '{spec.interpolation_type}'; use one of {names}")
@@ -162,18 +183,35 @@ def _check_folder(root: str) -> None:
         )
 
 
+def _check_dataset(spec: DataSpec) -> None:
+    """The datasets package is installed, and a local-looking dataset path exists (a Hub name is not checked)."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError("--dataset_name needs the 'datasets' package: pip install datasets")
+    name = spec.dataset_name
+    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise DataError(f"--dataset_name: '{name}' does not exist; pass a dataset folder or a Hub dataset name")
+
+
 def check_data_spec(spec: DataSpec) -> None:
     """Cheap validation before any heavy loading; raises DataError naming the flag and the fix."""
-    has_shards, has_folder = bool(spec.train_shards_path_or_url), bool(spec.train_data_dir)
-    if has_shards and has_folder:
-        raise DataError("--train_shards_path_or_url and --train_data_dir are both set; pass only one of them")
-    if not has_shards and not has_folder:
-        raise DataError("no training data: pass --train_shards_path_or_url (webdataset shards) or --train_data_dir")
+    given = [flag for flag, value in (("--train_shards_path_or_url", spec.train_shards_path_or_url),
+                                      ("--train_data_dir", spec.train_data_dir),
+                                      ("--dataset_name", spec.dataset_name)) if value]
+    if len(given) > 1:
+        raise DataError(f"{' and '.join(given)} are {'both' if len(given) == 2 else 'all'} set; pass only one "
+                        f"data source")
+    if not given:
+        raise DataError("no training data: pass --train_shards_path_or_url (webdataset shards), --train_data_dir "
+                        "(an image folder) or --dataset_name (a Hugging Face dataset)")
     _check_numbers(spec)
-    if has_shards:
+    if spec.train_shards_path_or_url:
         _check_shards(spec.train_shards_path_or_url)
-    else:
+    elif spec.train_data_dir:
         _check_folder(spec.train_data_dir)
+    else:
+        _check_dataset(spec)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -206,8 +244,14 @@ def json_caption(data: bytes):
     return record.get("caption", record.get("text"))
 
 
-def checked_caption(caption) -> str:
-    """The caption stripped of surrounding whitespace; skip when absent, empty or not text."""
+def checked_caption(caption):
+    """The caption stripped of surrounding whitespace; skip when absent, empty or not text. A list of captions
+    (several per image, as datasets such as COCO have) keeps its usable ones; the transform draws one."""
+    if isinstance(caption, (list, tuple)):
+        usable = [c.strip() for c in caption if isinstance(c, str) and c.strip()]
+        if not usable:
+            raise SkipSample("missing_caption" if all(isinstance(c, str) for c in caption) else "bad_caption")
+        return usable[0] if len(usable) == 1 else usable
     if caption is None:
         raise SkipSample("missing_caption")
     if not isinstance(caption, str):
@@ -216,6 +260,74 @@ def checked_caption(caption) -> str:
     if not caption:
         raise SkipSample("missing_caption")
     return caption
+
+
+def _number(value) -> Optional[float]:
+    """A finite float from a JSON number or numeric string; None for anything else (bools included)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def metadata_size(meta: dict) -> Optional[tuple]:
+    """Original (height, width) from a sample's metadata (SIZE_FIELDS), None when it has none; a size that is not
+    two positive numbers skips the sample (bad_size_metadata)."""
+    for height_key, width_key in SIZE_FIELDS:
+        raw = (meta.get(height_key), meta.get(width_key))
+        if raw == (None, None):
+            continue
+        height, width = (_number(value) for value in raw)
+        if height is None or width is None or height <= 0 or width <= 0:
+            raise SkipSample("bad_size_metadata")
+        return int(round(height)), int(round(width))
+    return None
+
+
+@dataclass
+class SampleRules:
+    """LAION-style filters; a sample without the field a filter reads passes it (the size always exists: the
+    metadata's, else the image's own)."""
+
+    min_original_size: Optional[int] = None
+    max_watermark_probability: Optional[float] = None
+    min_aesthetic_score: Optional[float] = None
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec) -> "SampleRules":
+        return cls(spec.min_original_size, spec.max_watermark_probability, spec.min_aesthetic_score)
+
+    def check_size(self, size: tuple) -> None:
+        if self.min_original_size is not None and min(size) < self.min_original_size:
+            raise SkipSample("filtered_min_original_size")
+
+    def check_scores(self, meta: dict) -> None:
+        for limit, field, passes, reason in (
+                (self.max_watermark_probability, WATERMARK_FIELD, lambda v, m: v <= m, "max_watermark_probability"),
+                (self.min_aesthetic_score, AESTHETIC_FIELD, lambda v, m: v >= m, "min_aesthetic_score")):
+            if limit is None or meta.get(field) is None:
+                continue
+            value = _number(meta[field])
+            if value is None:
+                raise SkipSample("bad_metadata")
+            if not passes(value, limit):
+                raise SkipSample(FILTER_PREFIX + reason)
+
+    def image_and_size(self, meta: dict, load_image) -> tuple:
+        """(RGB image, original (height, width)) of a sample that passes the filters; the image is decoded only
+        after the metadata checks, so a rejected sample costs no image decode when its metadata has a size."""
+        size = metadata_size(meta)
+        self.check_scores(meta)
+        if size is not None:
+            self.check_size(size)
+        image = load_image()
+        if size is None:
+            size = (image.height, image.width)
+            self.check_size(size)
+        return image, size
 
 
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
@@ -279,13 +391,18 @@ class Transform:
         scale = self.resolution / min(width, height)
         return max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
 
-    def __call__(self, image: Image.Image, caption: str, rng: np.random.Generator) -> dict:
-        """One training example: pixels in [-1, 1] CHW, caption, original (h, w), crop (top, left)."""
+    def __call__(self, image: Image.Image, caption, rng: np.random.Generator, original_size=None) -> dict:
+        """One training example: pixels in [-1, 1] CHW, caption, original (h, w), crop (top, left).
+
+        original_size: (h, w) from the sample's metadata, else the image's own. The crop is where the kept
+        square starts in the resized image; for a flipped sample, where it starts in the flipped image."""
         size = self.resolution
         width, height = image.size
         resized_width, resized_height = self.resized_size(width, height)
-        # Always draw the same four numbers so the flags do not shift each other's randomness.
-        crop_top_draw, crop_left_draw, flip_draw, empty_draw = rng.random(4)
+        # Always draw the same numbers so the flags do not shift each other's randomness.
+        crop_top_draw, crop_left_draw, flip_draw, empty_draw, caption_draw = rng.random(5)
+        if isinstance(caption, list):  # several captions per image: one per visit
+            caption = caption[int(caption_draw * len(caption))]
         if self.center_crop:
             top, left = (resized_height - size) // 2, (resized_width - size) // 2
         else:
@@ -298,13 +415,15 @@ class Transform:
         crop = image.resize((size, size), self.resample, box=box)
         if self.random_flip and flip_draw < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            # Cropping the flipped image at this left edge gives the same pixels (SDXL conditions on it).
+            left = resized_width - size - left
         if empty_draw < self.proportion_empty_prompts:
             caption = ""
         pixels = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
         return {
             "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
             "caption": caption,
-            "original_size": (height, width),
+            "original_size": tuple(original_size) if original_size is not None else (height, width),
             "crop_top_left": (top, left),
         }
 
@@ -345,9 +464,9 @@ def _normalised_relative(path: str) -> str:
     return posixpath.normpath(path.replace("\\", "/"))
 
 
-def read_metadata(path: str, image_column: str, caption_column: str) -> tuple:
-    """({relative image path: raw caption value}, number of malformed lines) from a metadata.jsonl."""
-    captions, malformed = {}, 0
+def read_metadata(path: str, image_column: str) -> tuple:
+    """({relative image path: record}, number of malformed lines) from a metadata.jsonl."""
+    records, malformed = {}, 0
     with open(path, "rb") as lines:
         for line in lines:
             if not line.strip():
@@ -359,8 +478,17 @@ def read_metadata(path: str, image_column: str, caption_column: str) -> tuple:
             if not isinstance(record, dict) or not isinstance(record.get(image_column), str):
                 malformed += 1
                 continue
-            captions[_normalised_relative(record[image_column])] = record.get(caption_column)
-    return captions, malformed
+            records[_normalised_relative(record[image_column])] = record
+    return records, malformed
+
+
+def permuted_share(num_items: int, seed: int, epoch: int, slot: int, num_readers: int, start: int):
+    """(index, item number, None) of a reader's share of the epoch's seeded permutation of an indexable source,
+    from `start`; no state function: `start` alone places a reader in a permutation."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_items)
+    share = permutation[slot::num_readers]
+    for index in range(start, len(share)):
+        yield index, int(share[index]), None
 
 
 class FolderSource:
@@ -373,14 +501,16 @@ class FolderSource:
         self.items = list_images(self.root)
         if spec.max_train_samples is not None:
             self.items = self.items[: spec.max_train_samples]
-        self.metadata_captions = None
+        self.records = None
+        self.caption_column = spec.caption_column
+        self.rules = SampleRules.from_spec(spec)
         # Listing problems are global, so only one process reports them.
         self.listing_counts = Counter()
         metadata_path = os.path.join(self.root, METADATA_FILE)
+        # 'image' is the column that load_dataset("imagefolder") makes of the file_name key: the same thing here.
+        image_key = "file_name" if spec.image_column in (None, "image") else spec.image_column
         if os.path.isfile(metadata_path):
-            self.metadata_captions, malformed = read_metadata(
-                metadata_path, spec.image_column, spec.caption_column
-            )
+            self.records, malformed = read_metadata(metadata_path, image_key)
             if count_listing and malformed:
                 self.listing_counts["bad_metadata"] = malformed
 
@@ -397,16 +527,12 @@ class FolderSource:
     def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
                    shard_state: Optional[dict] = None):
         """(index, item number, None) of this reader's share of the epoch permutation, from `start`."""
-        # No state function: `start` alone places a reader in a permutation.
-        permutation = np.random.default_rng([seed, epoch]).permutation(len(self.items))
-        share = permutation[slot::num_readers]
-        for index in range(start, len(share)):
-            yield index, int(share[index]), None
+        return permuted_share(len(self.items), seed, epoch, slot, num_readers, start)
 
     def _caption_bytes_or_value(self, relative: str):
         """Raw caption: a metadata value, sidecar .txt bytes, or None."""
-        if self.metadata_captions is not None:
-            return self.metadata_captions.get(relative)
+        if self.records is not None:
+            return self.records.get(relative, {}).get(self.caption_column)
         sidecar = os.path.join(self.root, os.path.splitext(relative)[0] + ".txt")
         if not os.path.isfile(sidecar):
             return None
@@ -414,21 +540,27 @@ class FolderSource:
             return file.read()
 
     def decode(self, item: int) -> tuple:
-        """(RGB image, caption, reencoded) of one item, or SkipSample."""
+        """(RGB image, caption, reencoded, original (h, w)) of one item, or SkipSample."""
         relative = self.items[item]
         raw_caption = self._caption_bytes_or_value(relative)
         reencoded = False
         if isinstance(raw_caption, bytes):
             raw_caption, reencoded = text_caption(raw_caption)
         caption = checked_caption(raw_caption)
-        try:
-            with open(os.path.join(self.root, relative), "rb") as file:
-                image_bytes = file.read()
-        except FileNotFoundError:
-            raise SkipSample("missing_image") from None
-        except OSError:
-            raise SkipSample("bad_image") from None
-        return decode_image(image_bytes), caption, reencoded
+        meta = self.records.get(relative, {}) if self.records is not None else {}
+        image, size = self.rules.image_and_size(meta, lambda: decode_image(read_file(self.root, relative)))
+        return image, caption, reencoded, size
+
+
+def read_file(root: str, relative: str) -> bytes:
+    """Bytes of an image file, or SkipSample when it is gone or unreadable."""
+    try:
+        with open(os.path.join(root, relative), "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise SkipSample("missing_image") from None
+    except OSError:
+        raise SkipSample("bad_image") from None
 
 
 # ----------------------------------------------------------------------------- webdataset shards
@@ -595,8 +727,17 @@ class ShardEpoch:
         return iter(()) if saved["exhausted"] else rest
 
 
-def decode_shard_sample(sample: dict) -> tuple:
-    """(RGB image, caption, reencoded) of one raw tar sample, or SkipSample."""
+def json_record(data: bytes) -> dict:
+    """The sample's json as a dict; {} when it is not a JSON object (the caption may come from .txt)."""
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def decode_shard_sample(sample: dict, rules: Optional[SampleRules] = None) -> tuple:
+    """(RGB image, caption, reencoded, original (h, w)) of one raw tar sample, or SkipSample."""
     image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_bytes is None:
         raise SkipSample("missing_image")
@@ -608,7 +749,9 @@ def decode_shard_sample(sample: dict) -> tuple:
     else:
         raw_caption = None
     caption = checked_caption(raw_caption)
-    return decode_image(image_bytes), caption, reencoded
+    meta = json_record(sample["json"]) if "json" in sample else {}
+    image, size = (rules or SampleRules()).image_and_size(meta, lambda: decode_image(image_bytes))
+    return image, caption, reencoded, size
 
 
 class ShardSource:
@@ -621,6 +764,7 @@ class ShardSource:
         self.urls = expand_shard_urls(self.pattern)
         self.buffer_size = spec.shuffle_buffer_size
         self.max_train_samples = spec.max_train_samples
+        self.rules = SampleRules.from_spec(spec)
         self.listing_counts = Counter()
 
     @property
@@ -666,14 +810,18 @@ class ShardSource:
             yield index, sample, reader.state
 
     def decode(self, sample: dict) -> tuple:
-        """(RGB image, caption, reencoded) of one raw sample, or SkipSample."""
-        return decode_shard_sample(sample)
+        """(RGB image, caption, reencoded, original (h, w)) of one raw sample, or SkipSample."""
+        return decode_shard_sample(sample, self.rules)
 
 
 def build_source(spec: DataSpec, rank: int):
-    """The folder or shard source the spec names."""
+    """The folder, dataset or shard source the spec names."""
     if spec.train_data_dir:
         return FolderSource(spec, count_listing=rank == 0)
+    if spec.dataset_name:
+        from .hf_dataset import DatasetSource
+
+        return DatasetSource(spec)
     return ShardSource(spec)
 
 
@@ -695,11 +843,14 @@ def _empty_epoch_error(source, slot: int, num_readers: int, epoch: int) -> DataE
 
 
 def _unusable_epoch_error(source, slot: int, epoch: int, counts: Counter) -> DataError:
-    """Error for a reader whose whole epoch was rejected."""
+    """Error for a reader whose whole epoch was rejected; names the filter flags that rejected samples."""
     skipped = sum(counts[reason] for reason in counts if reason != REENCODED)
+    filters = [f"--{reason[len(FILTER_PREFIX):]}" for reason in sorted(counts) if reason.startswith(FILTER_PREFIX)]
+    fix = (f"loosen or unset {' / '.join(filters)}, or check the images and captions of the dataset" if filters
+           else "check the images and captions of the dataset")
     return DataError(
         f"no usable samples in {source.description} (reader {slot}, epoch {epoch}): {skipped} skipped "
-        f"({_format_counts(counts)}); check the images and captions of the dataset"
+        f"({_format_counts(counts)}); {fix}"
     )
 
 
@@ -734,15 +885,15 @@ def _record_events(events: list, counters: tuple) -> None:
 
 
 def _decode_counted(source, raw, counters: tuple) -> Optional[tuple]:
-    """(RGB image, caption) of a raw sample, or None after counting why it was skipped."""
+    """(RGB image, caption, original size) of a raw sample, or None after counting why it was skipped."""
     try:
-        image, caption, reencoded = source.decode(raw)
+        image, caption, reencoded, size = source.decode(raw)
     except SkipSample as skip:
         _count(counters, skip.reason)
         return None
     if reencoded:
         _count(counters, REENCODED)
-    return image, caption
+    return image, caption, size
 
 
 def _check_full_epoch(setup: ReaderSetup, epoch: int, raw_count: int, usable: int, epoch_counts: Counter) -> None:
@@ -770,7 +921,8 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
             if decoded is None:
                 continue
             usable += 1
-            examples.append(setup.transform(*decoded, sample_rng(setup.seed, epoch, setup.slot, index)))
+            image, caption, size = decoded
+            examples.append(setup.transform(image, caption, sample_rng(setup.seed, epoch, setup.slot, index), size))
             if len(examples) == setup.batch_size:
                 batch = collate(examples)
                 meta = {"worker": setup.logical_worker, "epoch": epoch, "emitted": index + 1}

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from .config import teacher_revision
+from .family import family_of
 
 
 @dataclass
 class Teacher:
-    """The frozen parts of a Stable Diffusion teacher."""
+    """The frozen parts of a Stable Diffusion teacher; `family` holds its text encoders (SD or SDXL)."""
 
     noise_scheduler: object  # DDPMScheduler: alphas_cumprod, num_train_timesteps, prediction_type
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    family: object  # lcm_utils.family.StableDiffusion or StableDiffusionXL, with its tokenizers and text encoders
     vae: torch.nn.Module
     unet: torch.nn.Module
 
@@ -25,36 +25,43 @@ class Teacher:
     def prediction_type(self):
         return self.noise_scheduler.config.prediction_type
 
+    def pipeline(self, unet, scheduler):
+        """The family's stock pipeline with this teacher's text parts and VAE and the given UNet and scheduler."""
+        return self.family.pipeline(self.vae, unet, scheduler)
+
+
+def pipeline_settings(path, src):
+    """model_index.json of the teacher (local or Hub) as a dict; {} when the folder has none."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, **src))
+    except (OSError, ValueError):  # a folder of components without model_index.json is a valid teacher
+        return {}
+
 
 def load_teacher(args, device, weight_dtype):
-    """Load scheduler, tokenizer, text encoder, VAE and UNet, frozen; dtypes as described in the README."""
+    """Load scheduler, text encoders, VAE and UNet, frozen; dtypes as described in the README."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
 
     src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
     path = args.pretrained_teacher_model
+    family_cls = family_of(UNet2DConditionModel.load_config(path, subfolder="unet", **src))
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **src)
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **src)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **src)
+    force_zeros = pipeline_settings(path, src).get("force_zeros_for_empty_prompt")
+    family = family_cls.load(path, src, device, weight_dtype, force_zeros)
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-        vae_dtype = weight_dtype  # a user-supplied VAE is there to be numerically safe in half precision
+        vae_dtype = weight_dtype  # a user-supplied VAE (e.g. SDXL's fp16-fix) is there to run in half precision
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **src)
-        vae_dtype = torch.float32  # SD's own VAE overflows in fp16
+        # SD's and SDXL's own VAEs overflow in fp16 and say so with force_upcast (AutoencoderKL's default).
+        vae_dtype = torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **src)
     # The UNet stays fp32 here: the student is copied from it first; cast_teacher_unet applies afterwards.
-    for module, dtype in ((text_encoder, weight_dtype), (vae, vae_dtype), (unet, torch.float32)):
+    for module, dtype in ((vae, vae_dtype), (unet, torch.float32)):
         module.requires_grad_(False).eval().to(device, dtype=dtype)
-    return Teacher(noise_scheduler, tokenizer, text_encoder, vae, unet)
-
-
-@torch.no_grad()
-def encode_prompts(teacher, captions):
-    """Captions (list of B str) -> text embeddings [B, 77, D] (CLIP last hidden state, as SD 1.x/2.x use)."""
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    return teacher.text_encoder(ids.to(teacher.text_encoder.device))[0]
+    return Teacher(noise_scheduler, family, vae, unet)
 
 
 @torch.no_grad()

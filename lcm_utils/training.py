@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
 from .data import DataError, DataSpec, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
-from .teacher import encode_images, encode_prompts, load_teacher
+from .teacher import encode_images, load_teacher
 
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of a cat sitting on a windowsill",
@@ -107,7 +107,10 @@ def data_spec(args, seed):
         random_flip=args.random_flip, proportion_empty_prompts=args.proportion_empty_prompts,
         max_train_samples=args.max_train_samples, train_batch_size=args.train_batch_size,
         dataloader_num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size,
-        image_column=args.image_column, caption_column=args.caption_column, seed=seed)
+        image_column=args.image_column, caption_column=args.caption_column, seed=seed,
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+        min_original_size=args.min_original_size, max_watermark_probability=args.max_watermark_probability,
+        min_aesthetic_score=args.min_aesthetic_score)
 
 
 def main(method_cls, description, argv=None):
@@ -204,7 +207,6 @@ def train(args, method):
     schedule = SolverSchedule.from_scheduler(teacher.noise_scheduler, args.num_ddim_timesteps,
                                              args.timestep_scaling_factor, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
-    uncond = {"encoder_hidden_states": encode_prompts(teacher, [""])}
 
     global_step = resume(run, optimizer, lr_scheduler, stream, generator)
     if acc.is_main_process:
@@ -222,7 +224,7 @@ def train(args, method):
     for batch in stream if global_step < max_train_steps else []:
         with acc.accumulate(method.student_model):
             z0 = encode_images(teacher, batch["pixel_values"], args.vae_encode_batch_size, generator)
-            cond = {"encoder_hidden_states": encode_prompts(teacher, batch["captions"])}
+            cond, uncond = teacher.family.conditions(batch, args.resolution, args.use_fix_crop_and_size)
             w = args.w_min + (args.w_max - args.w_min) * torch.rand(
                 z0.shape[0], generator=generator, device=generator.device)
             with acc.autocast():
@@ -407,14 +409,9 @@ def run_validation(run, teacher, step):
 
 
 def stock_pipeline(teacher, unet, args):
-    """A StableDiffusionPipeline from the already-loaded teacher parts, the given UNet and this run's LCMScheduler."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                                   unet=unet, scheduler=lcm_scheduler(teacher, args), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The teacher family's stock pipeline (SD or SDXL) from the loaded teacher parts, the given UNet and this
+    run's LCMScheduler."""
+    return teacher.pipeline(unet, lcm_scheduler(teacher, args))
 
 
 def save_grid(grid, path):
@@ -459,6 +456,18 @@ def create_hub_repo(args):
     except Exception as e:  # say so before training, not after
         return ConfigError(f"--push_to_hub: cannot create the Hub repo ({type(e).__name__}: {str(e)[:200]}); "
                            f"log in with `hf auth login` or drop --push_to_hub")
+
+
+def pretrained_parts(args):
+    """from_pretrained arguments of the model card's snippet: the teacher, and the VAE the run used if not its own."""
+    parts = f'"{args.pretrained_teacher_model}"'
+    if args.pretrained_vae_model_name_or_path:
+        parts += f', vae=AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}")'
+    return parts
+
+
+def vae_import(args):
+    return "AutoencoderKL, " if args.pretrained_vae_model_name_or_path else ""
 
 
 def write_model_card(args, usage, step):
