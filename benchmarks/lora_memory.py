@@ -4,10 +4,13 @@
     python benchmarks/lora_memory.py                      # builds a small SD-shaped teacher, CPU or GPU
     python benchmarks/lora_memory.py --teacher /models/sd15 --resolution 512 --train_batch_size 4
     python benchmarks/lora_memory.py --sd15_shape --resolution 512 --mixed_precision fp16   # SD 1.5 shapes, random
+    python benchmarks/lora_memory.py --sdxl_shape --resolution 1024 --mixed_precision fp16  # SDXL shapes, random
 
 Each configuration runs a few training steps in its own process; the peak is the CUDA peak allocation on a
 GPU, else the process's peak resident memory (which includes the Python interpreter and libraries, about
 the same in every row). The third row is what diffusers' SD LoRA script does: a separate teacher UNet.
+samples/s is the batch over the median time between optimizer steps after the first (the whole real step:
+data, VAE and text encoding, the three UNet passes, the update); give --steps 5 or more for it to mean much.
 """
 
 import argparse
@@ -18,6 +21,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,6 +30,8 @@ CONFIGS = ("lora", "full", "lora_second_teacher")
 SD15_SHAPE = dict(unet_channels="320,640,1280,1280", layers_per_block=2, cross_attention_dim=768,
                   vae_channels="128,256,512,512")
 TINY_SHAPE = dict(layers_per_block=1, cross_attention_dim=32, vae_channels="32,64")  # lcm_utils.tiny's
+# --sdxl_shape: the component configs of stabilityai/stable-diffusion-xl-base-1.0, written out in the repo.
+SDXL_CONFIGS = os.path.join(ROOT, "benchmarks", "configs", "sdxl")
 
 
 def add_shape_flags(parser, default_channels):
@@ -68,6 +74,37 @@ def build_unet(args, resolution):
         cross_attention_dim=args.cross_attention_dim, attention_head_dim=8, norm_num_groups=32)
 
 
+def sdxl_config(name, config_dir=SDXL_CONFIGS):
+    with open(os.path.join(config_dir, f"{name}_config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if k not in ("_class_name", "architectures")}
+
+
+def build_sdxl_shaped_teacher(out_dir, config_dir=SDXL_CONFIGS):
+    """A diffusers SDXL folder with SDXL's exact component shapes and random weights; the text encoders take the
+    project's character vocabulary (514 tokens instead of 49,408: no tokenizer download)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lcm_utils.tiny import char_tokenizer, write_char_vocab
+
+    torch.manual_seed(0)
+    text = {}
+    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        config = dict(sdxl_config(name, config_dir), vocab_size=514, bos_token_id=512, eos_token_id=513,
+                      pad_token_id=513)
+        text[name] = cls(CLIPTextConfig(**config))
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_config(sdxl_config("vae", config_dir)), tokenizer=char_tokenizer(),
+        tokenizer_2=char_tokenizer(), unet=UNet2DConditionModel.from_config(sdxl_config("unet", config_dir)),
+        scheduler=EulerDiscreteScheduler.from_config(sdxl_config("scheduler", config_dir)), add_watermarker=False,
+        **text)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_char_vocab(os.path.join(out_dir, folder))
+    return out_dir
+
+
 def build_teacher(out_dir, args, resolution):
     """lcm_utils.tiny's teacher (tokenizer, scheduler, layout); UNet, text encoder and VAE replaced when the
     shape flags differ from the tiny one. The replaced parts are saved over the tiny ones."""
@@ -108,11 +145,18 @@ def worker(kind, train_args):
     from train_lcm_distill import FullDistillation
     from train_lcm_lora import LoraDistillation
 
+    step_times = []
+
     class NoExport:
-        """Skip writing the final weights: only the training peak is measured (an SD UNet pair is 7 GB)."""
+        """Skip writing the final weights: only the training peak is measured (an SD UNet pair is 7 GB); time
+        each optimizer step (the logged loss's .item() synchronises a GPU once a step)."""
 
         def export(self, output_dir):
             return ""
+
+        def update_target(self):
+            super().update_target()
+            step_times.append(time.perf_counter())
 
     class Lora(NoExport, LoraDistillation):
         pass
@@ -138,13 +182,19 @@ def worker(kind, train_args):
         peak, unit = torch.cuda.max_memory_allocated(), "CUDA peak allocated"
     else:
         peak, unit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-    print("RESULT " + json.dumps({"kind": kind, "peak_bytes": peak, "unit": unit}), flush=True)
+    intervals = sorted(b - a for a, b in zip(step_times[1:], step_times[2:]))
+    batch = int(train_args[train_args.index("--train_batch_size") + 1])
+    samples_per_s = batch / intervals[len(intervals) // 2] if intervals else None
+    print("RESULT " + json.dumps({"kind": kind, "peak_bytes": peak, "unit": unit, "samples_per_s": samples_per_s}),
+          flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=None, help="Teacher folder (default: build an SD-shaped small one).")
     add_shape_flags(parser, "128,256,512")
+    parser.add_argument("--sdxl_shape", action="store_true",
+                        help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
@@ -155,7 +205,12 @@ def main():
     from lcm_utils.tiny import build_image_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = args.teacher or build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
+        if args.teacher:
+            teacher = args.teacher
+        elif args.sdxl_shape:
+            teacher = build_sdxl_shaped_teacher(os.path.join(tmp, "teacher"))
+        else:
+            teacher = build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
         images = build_image_folder(os.path.join(tmp, "images"), num_images=16, size=args.resolution)
         results = {}
         for kind in CONFIGS:
@@ -182,11 +237,12 @@ def main():
     unit = results["lora"]["unit"]
     print(f"UNet parameters: {n_params / 1e6:.1f} M; batch {args.train_batch_size} at {args.resolution} px "
           f"({latent}x{latent} latents); LoRA rank {args.lora_rank}; mixed precision {args.mixed_precision}; {unit}")
-    print(f"{'configuration':<24}{'peak MiB':>12}{'vs LoRA':>10}")
+    print(f"{'configuration':<24}{'peak MiB':>12}{'vs LoRA':>10}{'samples/s':>12}")
     base = results["lora"]["peak_bytes"]
     for kind in CONFIGS:
-        peak = results[kind]["peak_bytes"]
-        print(f"{kind:<24}{peak / 2**20:>12.0f}{peak / base:>10.2f}")
+        peak, speed = results[kind]["peak_bytes"], results[kind]["samples_per_s"]
+        speed = f"{speed:.2f}" if speed else "-"
+        print(f"{kind:<24}{peak / 2**20:>12.0f}{peak / base:>10.2f}{speed:>12}")
 
 
 if __name__ == "__main__":

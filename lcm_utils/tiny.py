@@ -96,6 +96,54 @@ def build_tiny_teacher(out_dir, prediction_type="epsilon", seed=0, time_cond_pro
     return out_dir
 
 
+def tiny_clip(hidden_size=32, projection_dim=32, with_projection=False, seed=0):
+    """A 2-layer CLIP text model over the character vocabulary (with a text projection: SDXL's second encoder)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=514, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
+                            eos_token_id=513, pad_token_id=513, projection_dim=projection_dim)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def build_tiny_sdxl_teacher(out_dir, prediction_type="epsilon", seed=0, force_zeros_for_empty_prompt=True):
+    """Save a randomly initialised SDXL-style teacher: two CLIP encoders of different widths (32 and 48, the
+    second projecting to 24), a UNet with SDXL's text_time added embedding, the tiny VAE and SDXL's Euler
+    scheduler config. No size is SDXL's, so nothing may be hard-coded."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    os.makedirs(out_dir, exist_ok=True)
+    text_encoder = tiny_clip(32, 32, seed=seed)
+    text_encoder_2 = tiny_clip(48, 24, with_projection=True, seed=seed + 1)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32)
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32 + 48, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + 24)
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction_type, timestep_spacing="leading",
+                                       **{k: v for k, v in SD_SCHEDULER.items() if k in
+                                          ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                           "steps_offset")})
+    tokenizer = char_tokenizer()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=char_tokenizer(), unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_char_vocab(os.path.join(out_dir, folder))
+    return out_dir
+
+
 def toy_sample(index, size=32):
     """A deterministic (image, caption) pair: a coloured shape on a light background."""
     rng = np.random.default_rng(index)
@@ -127,26 +175,41 @@ def build_image_folder(out_dir, num_images=16, size=32, captions="metadata"):
 
 
 def write_shard(path, samples, image_format="JPEG"):
-    """Write one webdataset tar of (key, PIL image, caption) samples as <key>.jpg|png + <key>.txt, under a
-    temporary name renamed into place, so an interrupted write never leaves a truncated shard."""
+    """Write one webdataset tar of (key, PIL image, caption[, json metadata]) samples as <key>.jpg|png +
+    <key>.txt (+ <key>.json), under a temporary name renamed into place, so an interrupted write never leaves a
+    truncated shard."""
     ext = {"JPEG": "jpg", "PNG": "png"}[image_format]
     with tarfile.open(path + ".partial", "w") as tar:
-        for key, img, caption in samples:
+        for key, img, caption, *meta in samples:
             buf = io.BytesIO()
             img.save(buf, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
-            for name, data in ((f"{key}.{ext}", buf.getvalue()), (f"{key}.txt", caption.encode())):
+            members = [(f"{key}.{ext}", buf.getvalue()), (f"{key}.txt", caption.encode())]
+            if meta:
+                members.append((f"{key}.json", json.dumps(meta[0]).encode()))
+            for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     os.replace(path + ".partial", path)
 
 
-def build_wds_shards(out_dir, num_shards=2, per_shard=8, size=32):
-    """Write webdataset shards {00000..} holding .jpg + .txt samples; returns the brace pattern."""
+def laion_metadata(index):
+    """LAION-style json of toy sample `index`: an original size (landscape or portrait), watermark and aesthetic
+    scores that vary with the index, so filters and time ids have something to act on."""
+    rng = np.random.default_rng(1000 + index)
+    height, width = (int(v) for v in rng.integers(300, 1400, 2))
+    return {"original_height": height, "original_width": width, "pwatermark": round(float(rng.random()), 3),
+            "aesthetic": round(float(rng.uniform(3.0, 7.0)), 3)}
+
+
+def build_wds_shards(out_dir, num_shards=2, per_shard=8, size=32, with_json=False):
+    """Write webdataset shards {00000..} holding .jpg + .txt (+ LAION-style .json) samples; returns the pattern."""
     os.makedirs(out_dir, exist_ok=True)
     for s in range(num_shards):
+        indices = range(s * per_shard, (s + 1) * per_shard)
         write_shard(os.path.join(out_dir, f"{s:05d}.tar"),
-                    ((f"{s:05d}{j:04d}", *toy_sample(s * per_shard + j, size)) for j in range(per_shard)))
+                    ((f"{s:05d}{i - s * per_shard:04d}", *toy_sample(i, size), *([laion_metadata(i)] if with_json
+                                                                                 else [])) for i in indices))
     return os.path.join(out_dir, "{%05d..%05d}.tar" % (0, num_shards - 1))
 
 

@@ -4,6 +4,7 @@ What differs between full distillation and LCM-LoRA lives in a `DistillationMeth
 """
 
 import argparse
+import inspect
 import math
 import os
 import shutil
@@ -371,7 +372,13 @@ def lcm_scheduler(teacher, args):
     """The LCMScheduler a user should sample with: the teacher's schedule plus this run's LCM settings."""
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(teacher.noise_scheduler.config, timestep_scaling=args.timestep_scaling_factor,
+    # Only the keys LCMScheduler takes (SDXL ships an Euler config whose sigma options it would warn about), and
+    # only those the teacher's file set: the DDPMScheduler that loaded it filled in its own defaults, such as
+    # clip_sample=True, which would make LCM sampling clip the latents to [-1, 1].
+    config = teacher.noise_scheduler.config
+    accepted = set(inspect.signature(LCMScheduler.__init__).parameters) - set(config.get("_use_default_values", ()))
+    config = {k: v for k, v in config.items() if k in accepted}
+    return LCMScheduler.from_config(config, timestep_scaling=args.timestep_scaling_factor,
                                     original_inference_steps=args.num_ddim_timesteps)
 
 

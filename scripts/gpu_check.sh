@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
-# teacher, then the two benchmarks at Stable Diffusion 1.5's shapes. Offline; about 3-4 minutes on one H100.
+# teacher, then the two benchmarks at Stable Diffusion 1.5's shapes and the memory/speed benchmark at SDXL's
+# shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
+# saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out).
 #
 #   OUT=/some/folder bash scripts/gpu_check.sh
 #
@@ -15,7 +17,7 @@ OUT=${OUT:?set OUT to the folder for the log and images}
 mkdir -p "$OUT"
 export ROOT=$PWD W=${GPU_CHECK_WORK:-/tmp/gpu_check} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 OUT
-BUDGET=${GPU_CHECK_BUDGET:-240}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
+BUDGET=${GPU_CHECK_BUDGET:-540}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
 DEADLINE=$((SECONDS + BUDGET))
 
 step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print PASS/FAIL, never stop the script
@@ -240,6 +242,13 @@ s_lora_memory() {
             --mixed_precision fp16
     fi
 }
+s_sdxl_memory() {  # LoRA, full and LoRA + second teacher copy at SDXL's shapes: peak memory and samples/s
+    if [ "$SMALL" = 1 ]; then
+        echo "sdxl_memory: needs CUDA (a 2.6 B-parameter UNet)"; return 0
+    fi
+    python3 benchmarks/lora_memory.py --sdxl_shape --resolution 1024 --train_batch_size 1 --steps 6 \
+        --mixed_precision fp16
+}
 s_batching() {
     if [ "$SMALL" = 1 ]; then
         python3 benchmarks/teacher_batching.py --unet_channels 32,64 --layers_per_block 2 --cross_attention_dim 64 \
@@ -250,7 +259,7 @@ s_batching() {
     fi 2>&1 | tee "$W/batching.log"
 }
 export -f step launch tiny_flags train_and_resume s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_batching
+    s_losses s_sample s_lora_memory s_sdxl_memory s_batching
 
 main() {
     RESULTS=()
@@ -273,6 +282,7 @@ main() {
     # allocation), so it runs in the background beside the training checks.
     step teacher_batching 90 s_batching
     ( RESULTS=(); step lora_memory 180 s_lora_memory > "$W/lora_memory.log" 2>&1
+      [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || step sdxl_memory 420 s_sdxl_memory >> "$W/lora_memory.log" 2>&1
       printf '%s\n' "${RESULTS[@]}" > "$W/lora_memory.result" ) &
     local bench_pid=$!
 
@@ -296,7 +306,7 @@ main() {
 
     echo
     echo "=== figures"
-    grep -A4 "^UNet parameters" "$W/lora_memory.log" || echo "(no lora_memory table)"
+    grep -A4 "^UNet parameters" "$W/lora_memory.log" || echo "(no lora_memory tables)"
     grep -A3 "^device " "$W/batching.log" 2>/dev/null || echo "(no teacher_batching figures)"
     echo "=== summary (total ${SECONDS}s, HAS_CUDA=$HAS_CUDA, SMALL=$SMALL)"
     printf '%s\n' "${RESULTS[@]}"

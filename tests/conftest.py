@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lcm_utils.tiny import build_image_folder, build_tiny_teacher, build_wds_shards
+from lcm_utils.tiny import build_image_folder, build_tiny_sdxl_teacher, build_tiny_teacher, build_wds_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 16  # tiny VAE factor 2 -> 8x8 latents, the tiny UNet's sample_size
@@ -21,6 +21,19 @@ def assets(tmp_path_factory):
         "teacher_v": build_tiny_teacher(str(base / "teacher_v"), "v_prediction", seed=1),
         "images": build_image_folder(str(base / "images"), num_images=12, size=RESOLUTION + 4),
         "shards": build_wds_shards(str(base / "shards"), num_shards=2, per_shard=6, size=RESOLUTION + 4),
+    }
+
+
+@pytest.fixture(scope="session")
+def sdxl_assets(tmp_path_factory):
+    """Tiny SDXL teachers (unconditional branch zeros, as SDXL base; and encoded "") and LAION-style shards."""
+    base = tmp_path_factory.mktemp("sdxl_assets")
+    return {
+        "sdxl": build_tiny_sdxl_teacher(str(base / "sdxl"), seed=2),
+        "sdxl_encoded_uncond": build_tiny_sdxl_teacher(str(base / "sdxl_enc"), seed=3,
+                                                       force_zeros_for_empty_prompt=False),
+        "shards_json": build_wds_shards(str(base / "shards_json"), num_shards=2, per_shard=6, size=RESOLUTION + 8,
+                                        with_json=True),
     }
 
 
@@ -41,7 +54,7 @@ def launch(script, args, num_processes=1, timeout=300, env=None):
 
 def base_args(assets, out_dir, teacher="teacher_eps", **overrides):
     """Flags for a few-step CPU run on the tiny teacher."""
-    flags = dict(pretrained_teacher_model=assets[teacher], train_data_dir=assets["images"], output_dir=out_dir,
+    flags = dict(pretrained_teacher_model=assets[teacher], train_data_dir=assets.get("images"), output_dir=out_dir,
                  resolution=RESOLUTION, train_batch_size=2, max_train_steps=3, learning_rate=1e-3,
                  lr_warmup_steps=0, checkpointing_steps=1000, validation_steps=1000, seed=0,
                  validation_inference_steps="1 2", report_to="none", num_ddim_timesteps=50,

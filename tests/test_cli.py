@@ -172,7 +172,8 @@ def test_seed_is_drawn_recorded_and_kept_on_resume(assets, tmp_path):
     assert yaml.safe_load((out / "training_config.yaml").read_text())["seed"] == first
 
 
-@pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd21_768_lcm.yaml", "sd15_lcm_lora.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd21_768_lcm.yaml", "sd15_lcm_lora.yaml", "demo.yaml",
+                                  "sdxl_lcm.yaml", "sdxl_lcm_lora.yaml"])
 def test_shipped_presets_parse(name):
     """Every key of the presets is a flag of the script it is for, with a valid value."""
     from lcm_utils.config import parse_args
@@ -182,3 +183,28 @@ def test_shipped_presets_parse(name):
     method = LoraDistillation if "lora" in name else FullDistillation
     args = parse_args(build_parser(method, "x"), ["--config", os.path.join(ROOT, "configs", name)])
     assert args.resume_from_checkpoint == "latest" and args.pretrained_teacher_model
+
+
+# diffusers' SDXL scripts add these to the SD flags (an AST walk over their add_argument calls, HEAD 58eb52c0):
+# train_lcm_distill_sdxl_wds.py and train_lcm_distill_lora_sdxl_wds.py add the first; the datasets script
+# train_lcm_distill_lora_sdxl.py adds the rest (and drops the shards flag, which we keep).
+DIFFUSERS_SDXL_EXTRA_FLAGS = ["use_fix_crop_and_size", "dataset_name", "dataset_config_name", "train_data_dir",
+                              "image_column", "caption_column", "encode_batch_size"]
+
+
+def test_every_diffusers_sdxl_flag_is_accepted_by_both_scripts():
+    from lcm_utils.training import build_parser
+    from test_train_lora import DIFFUSERS_LORA_ONLY_FLAGS
+    from train_lcm_lora import LoraDistillation
+
+    full = {a.dest for a in build_parser(FullDistillation, "x")._actions}
+    lora = {a.dest for a in build_parser(LoraDistillation, "x")._actions}
+    assert sorted(set(DIFFUSERS_FULL_FLAGS + DIFFUSERS_SDXL_EXTRA_FLAGS) - full) == []
+    lora_flags = [f for f in DIFFUSERS_FULL_FLAGS if f not in ("unet_time_cond_proj_dim", "ema_decay")]
+    assert sorted(set(lora_flags + DIFFUSERS_LORA_ONLY_FLAGS + DIFFUSERS_SDXL_EXTRA_FLAGS) - lora) == []
+
+
+def test_encode_batch_size_sets_the_vae_encode_batch_size(args, capsys):
+    assert run_main(args + ["--encode_batch_size", "3", "--dry_run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("first batch")[0])
+    assert resolved["vae_encode_batch_size"] == 3
