@@ -354,3 +354,22 @@ def test_the_real_sdxl_configs_pass_the_family_checks(tmp_path, monkeypatch):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(sdxl_config("unet"))
     assert 2.55e9 < sum(p.numel() for p in unet.parameters()) < 2.58e9
+
+
+def test_vae_precision_follows_force_upcast_and_a_given_vae_runs_low(sdxl_assets, tmp_path):
+    """The teacher's own VAE stays fp32 when its config sets force_upcast (SDXL's does); a VAE given with
+    --pretrained_vae_model_name_or_path (an fp16-safe one) and a VAE without force_upcast run in the low precision."""
+    from lcm_utils.teacher import load_teacher
+
+    def vae_dtype(teacher, *extra):
+        args = build_parser(FullDistillation, "x").parse_args(["--pretrained_teacher_model", teacher, *extra])
+        return load_teacher(args, torch.device("cpu"), torch.bfloat16).vae.dtype
+
+    assert vae_dtype(sdxl_assets["sdxl"]) == torch.float32
+    safe_vae = tmp_path / "vae-fp16-fix"
+    shutil.copytree(os.path.join(sdxl_assets["sdxl"], "vae"), safe_vae)
+    config = json.loads((safe_vae / "config.json").read_text())
+    (safe_vae / "config.json").write_text(json.dumps(dict(config, force_upcast=False)))
+    assert vae_dtype(sdxl_assets["sdxl"], "--pretrained_vae_model_name_or_path", str(safe_vae)) == torch.bfloat16
+    no_upcast = broken_copy(sdxl_assets, tmp_path, lambda f: shutil.copy(safe_vae / "config.json", f / "vae"))
+    assert vae_dtype(no_upcast) == torch.bfloat16
