@@ -44,6 +44,10 @@ def find_resume_checkpoint(output_dir, name):
     raise FileNotFoundError(f"--resume_from_checkpoint: '{name}' is not a complete checkpoint in '{output_dir}'")
 
 
+def final_path(output_dir, step):
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
 def partial_path(output_dir, step):
     return os.path.join(output_dir, f"checkpoint-{step}{PARTIAL_SUFFIX}")
 
@@ -58,7 +62,7 @@ def remove_stale_partials(output_dir):
 
 def publish(output_dir, step, total_limit):
     """Rename the finished partial folder to checkpoint-<step>, then prune the oldest beyond total_limit."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
+    final = final_path(output_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after a resume by name)
         discard(final)
     os.replace(partial_path(output_dir, step), final)

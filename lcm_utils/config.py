@@ -126,6 +126,11 @@ def add_shared_flags(parser):
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (starts fresh when there is none), a checkpoint name or a path.")
+    g.add_argument("--stop_signals", type=str, default="SIGINT,SIGTERM,SIGUSR1",
+                   help="Signals that make every rank finish its step, write a checkpoint and exit with status "
+                        "128 + signal number (a second one stops at once); comma list, or 'none'.")
+    g.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="A non-finite loss skips the update; after this many in a row the run stops with an error.")
     g.add_argument("--validation_steps", type=int, default=200)
     g.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                    help="Prompts of the validation grid (default: four generic prompts).")
@@ -299,7 +304,7 @@ def validate(args):
     if args.encode_batch_size is not None:
         args.vae_encode_batch_size = args.encode_batch_size
     positive = ("num_train_epochs", "gradient_accumulation_steps", "num_ddim_timesteps", "checkpointing_steps",
-                "validation_steps", "vae_encode_batch_size")
+                "validation_steps", "vae_encode_batch_size", "max_nonfinite_steps")
     for name in positive + ("max_train_steps", "checkpoints_total_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -316,6 +321,14 @@ def validate(args):
     if args.max_train_steps is None and args.train_shards_path_or_url and args.max_train_samples is None:
         raise ConfigError("--max_train_steps is required with webdataset shards unless --max_train_samples "
                           "sets the epoch length")
+    from .safety import parse_stop_signals
+
+    try:
+        parse_stop_signals(args.stop_signals)
+    except ValueError as e:
+        raise ConfigError(f"--stop_signals: '{e}' is not a signal a process can catch; use a comma list such as "
+                          f"SIGINT,SIGTERM,SIGUSR1 or 'none'") from None
+    check_precision(args)
     if args.use_8bit_adam:
         require_package("bitsandbytes", "--use_8bit_adam")
     if args.enable_xformers_memory_efficient_attention:
@@ -337,6 +350,19 @@ def validate(args):
         factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
         if args.resolution % factor:
             raise ConfigError(f"--resolution ({args.resolution}) must be divisible by the VAE factor {factor}")
+
+
+def check_precision(args):
+    """fp16 needs an accelerator: CPU autocast runs bf16 only, and fp16 weights meet fp32 activations at step 0."""
+    import torch
+
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available() or getattr(torch, "xpu", None) and torch.xpu.is_available()
+        or torch.backends.mps.is_available())
+    if precision == "fp16" and on_cpu:
+        raise ConfigError("--mixed_precision fp16 needs a GPU: on CPU, PyTorch autocasts to bf16 only, so use "
+                          "--mixed_precision bf16 (or no)")
 
 
 def validate_resume(args):

@@ -61,6 +61,7 @@ FILTER_PREFIX = "filtered_"
 # Where a sample's original size (for SDXL's time ids and --min_original_size) is read, first match wins:
 # LAION's original_* fields hold the size before img2dataset resized it, width/height the stored size.
 SIZE_FIELDS = (("original_height", "original_width"), ("height", "width"))
+MAX_ORIGINAL_SIZE = 2**20  # px; a larger "size" is a broken record (and would not fit a batch's int64 tensor)
 WATERMARK_FIELD, AESTHETIC_FIELD = "pwatermark", "aesthetic"
 # Counted next to the skip reasons, but the sample is kept.
 REENCODED = "caption_reencoded"
@@ -92,6 +93,7 @@ class DataSpec:
     min_original_size: Optional[int] = None
     max_watermark_probability: Optional[float] = None
     min_aesthetic_score: Optional[float] = None
+    use_size_metadata: bool = True  # read original sizes from metadata (SDXL's time ids); SD does not need them
 
 
 class DataError(ValueError):
@@ -281,7 +283,8 @@ def metadata_size(meta: dict) -> Optional[tuple]:
         if raw == (None, None):
             continue
         height, width = (_number(value) for value in raw)
-        if height is None or width is None or height <= 0 or width <= 0:
+        if height is None or width is None or not (1 <= round(height) <= MAX_ORIGINAL_SIZE
+                                                   and 1 <= round(width) <= MAX_ORIGINAL_SIZE):
             raise SkipSample("bad_size_metadata")
         return int(round(height)), int(round(width))
     return None
@@ -295,10 +298,12 @@ class SampleRules:
     min_original_size: Optional[int] = None
     max_watermark_probability: Optional[float] = None
     min_aesthetic_score: Optional[float] = None
+    read_sizes: bool = True  # else the original size is the image's own and size metadata is not looked at
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> "SampleRules":
-        return cls(spec.min_original_size, spec.max_watermark_probability, spec.min_aesthetic_score)
+        read_sizes = spec.use_size_metadata or spec.min_original_size is not None
+        return cls(spec.min_original_size, spec.max_watermark_probability, spec.min_aesthetic_score, read_sizes)
 
     def check_size(self, size: tuple) -> None:
         if self.min_original_size is not None and min(size) < self.min_original_size:
@@ -319,7 +324,7 @@ class SampleRules:
     def image_and_size(self, meta: dict, load_image) -> tuple:
         """(RGB image, original (height, width)) of a sample that passes the filters; the image is decoded only
         after the metadata checks, so a rejected sample costs no image decode when its metadata has a size."""
-        size = metadata_size(meta)
+        size = metadata_size(meta) if self.read_sizes else None
         self.check_scores(meta)
         if size is not None:
             self.check_size(size)

@@ -90,6 +90,13 @@ def decode(pipe, latents, chunk=256):
     return images
 
 
+@torch.no_grad()
+def decode_to_array(pipe, latents):
+    """Scaled latents [N, C, h, w] -> images [N, H, W, 3] float in [0, 1], decoded in the VAE's own dtype."""
+    x = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_pixels(images):
     """PIL images -> [N, 3, H, W] float in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0

@@ -19,6 +19,7 @@ class StableDiffusion:
 
     name = "SD 1.x/2.x"
     pipeline_class_name = "StableDiffusionPipeline"
+    uses_original_size = False  # no micro-conditioning: the samples' original sizes are not read
     text_parts = (("tokenizer", "text_encoder"),)  # (tokenizer folder, text encoder folder) per encoder
     default_force_zeros = False  # the SD pipelines always encode the empty negative prompt
 
@@ -107,6 +108,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "SDXL"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    uses_original_size = True
     text_parts = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     default_force_zeros = True  # StableDiffusionXLPipeline's default when model_index.json does not say
 
@@ -135,9 +137,10 @@ class StableDiffusionXL(StableDiffusion):
         # Broadcast a [1, ...] unconditional text to the batch; the time ids are the batch's (the pipeline's
         # negative time ids equal the positive ones unless a user passes negative sizes).
         batch = added["time_ids"].shape[0]
-        pooled = text["text_embeds"].expand(batch, -1)
+        # The time ids stay float32 (the UNet projects them in float32): in bf16, 1366 px would read as 1368.
         return {"encoder_hidden_states": text["encoder_hidden_states"].expand(batch, -1, -1),
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": added["time_ids"].to(pooled.dtype)}}
+                "added_cond_kwargs": {"text_embeds": text["text_embeds"].expand(batch, -1),
+                                      "time_ids": added["time_ids"]}}
 
     def pipeline(self, vae, unet, scheduler):
         pipe = self.pipeline_class()(vae=vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],

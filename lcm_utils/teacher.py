@@ -40,23 +40,30 @@ def pipeline_settings(path, src):
         return {}
 
 
+def teacher_family(args):
+    """The teacher's family class (SD or SDXL), from its UNet config alone (no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
+    return family_of(UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet", **src))
+
+
 def load_teacher(args, device, weight_dtype):
     """Load scheduler, text encoders, VAE and UNet, frozen; dtypes as described in the README."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
     path = args.pretrained_teacher_model
-    family_cls = family_of(UNet2DConditionModel.load_config(path, subfolder="unet", **src))
+    family_cls = teacher_family(args)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **src)
     force_zeros = pipeline_settings(path, src).get("force_zeros_for_empty_prompt")
     family = family_cls.load(path, src, device, weight_dtype, force_zeros)
-    if args.pretrained_vae_model_name_or_path:
+    if args.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fix VAE, which sets force_upcast false
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-        vae_dtype = weight_dtype  # a user-supplied VAE (e.g. SDXL's fp16-fix) is there to run in half precision
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **src)
-        # SD's and SDXL's own VAEs overflow in fp16 and say so with force_upcast (AutoencoderKL's default).
-        vae_dtype = torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
+    # SD's and SDXL's own VAEs overflow in fp16 and say so with force_upcast (AutoencoderKL's default).
+    vae_dtype = torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **src)
     # The UNet stays fp32 here: the student is copied from it first; cast_teacher_unet applies afterwards.
     for module, dtype in ((vae, vae_dtype), (unet, torch.float32)):

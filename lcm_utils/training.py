@@ -19,7 +19,9 @@ from . import checkpoint as ckpt
 from .config import ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
 from .data import DataError, DataSpec, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
-from .teacher import encode_images, load_teacher
+from .safety import NonFiniteGuard, StopSignals, TrainingError, agree, parse_stop_signals, resume_command
+from .evaluation import decode_to_array
+from .teacher import encode_images, load_teacher, teacher_family
 
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of a cat sitting on a windowsill",
@@ -28,6 +30,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a bowl of fruit on a wooden table",
 ]
 SKIP_LOG_EVERY = 50  # optimizer steps between logged skipped-sample counts (they need a gather)
+EXPORT_STATE = "exported.json"  # which run and step the exported weights in output_dir come from
 
 
 class DistillationMethod:
@@ -101,8 +104,10 @@ def build_parser(method_cls, description):
     return parser
 
 
-def data_spec(args, seed):
+def data_spec(args, seed, family=None):
+    """The data flags as a DataSpec; `family` (SD or SDXL class) says whether original sizes are read."""
     return DataSpec(
+        use_size_metadata=True if family is None else family.uses_original_size,
         train_shards_path_or_url=args.train_shards_path_or_url, train_data_dir=args.train_data_dir,
         resolution=args.resolution, interpolation_type=args.interpolation_type, center_crop=args.center_crop,
         random_flip=args.random_flip, proportion_empty_prompts=args.proportion_empty_prompts,
@@ -131,12 +136,19 @@ def main(method_cls, description, argv=None):
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def dry_run(args):
     """Print the resolved config and the first batch's shapes; load no model weights."""
     print(config_text(args))
-    stream = TrainStream(data_spec(args, args.seed or 0))
+    try:
+        family = teacher_family(args)
+    except Exception:  # a Hub id that cannot be reached now: read sizes, the stricter choice
+        family = None
+    stream = TrainStream(data_spec(args, args.seed or 0, family))
     batch = next(iter(stream))
     print(f"first batch: pixel_values {tuple(batch['pixel_values'].shape)}, captions {batch['captions'][:2]}, "
           f"skipped so far {stream.skipped}")
@@ -159,6 +171,8 @@ class Run:
                                                 logging_dir=os.path.join(args.output_dir, args.logging_dir)))
         if args.seed is None:  # draw one on the main process and record it, so the run can be repeated
             args.seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little") >> 1])[0]
+        # Names this run across its checkpoints and resumes (a resume takes the checkpoint's), for the export record.
+        self.run_id = broadcast_object_list([os.urandom(8).hex()])[0]
         set_seed(args.seed)  # same on every rank: identical initialisation everywhere
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         if args.allow_tf32 and torch.cuda.is_available():
@@ -182,8 +196,19 @@ class Run:
 
 def train(args, method):
     run = Run(args, method)
-    acc = run.accelerator
+    # Installed first: a signal during the (long) model loading is honoured at the first step boundary.
+    stop = StopSignals(parse_stop_signals(args.stop_signals), log=run.log)
+    try:
+        return train_loop(run, stop)
+    finally:
+        stop.restore()
+
+
+def train_loop(run, stop):
+    args, method, acc = run.args, run.method, run.accelerator
     device = acc.device
+    # The data first: a dataset column or source error is reported before minutes of model loading.
+    stream = TrainStream(data_spec(args, args.seed, teacher_family(args)), acc.process_index, acc.num_processes)
     teacher = load_teacher(args, device, run.weight_dtype)
     method.build(teacher, args, run.weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
@@ -197,7 +222,6 @@ def train(args, method):
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
     optimizer = make_optimizer(params, lr, args)
-    stream = TrainStream(data_spec(args, args.seed), acc.process_index, acc.num_processes)
     max_train_steps = resolve_max_train_steps(args, stream, acc.num_processes)
     from diffusers.optimization import get_scheduler
 
@@ -210,19 +234,31 @@ def train(args, method):
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
 
     global_step = resume(run, optimizer, lr_scheduler, stream, generator)
+    saved_step = global_step if global_step else None  # the step of the newest complete checkpoint
     if acc.is_main_process:
         run.log(save_resolved_config(args, args.output_dir))
         acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
-        export_scheduler(teacher, args, args.output_dir)
+    if global_step >= max_train_steps:
+        run.log(f"the checkpoint is at step {global_step}, --max_train_steps is {max_train_steps}: nothing to train")
+        finish(run, teacher, global_step)
+        return 0
     run.log(f"training {method.name}: {max_train_steps} steps, {acc.num_processes} process(es), "
             f"batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps}, from step {global_step}")
+
+    def checkpoint(step):
+        nonlocal saved_step
+        if saved_step != step:
+            save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator)
+            saved_step = step
 
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not acc.is_main_process, desc="steps")
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    window_finite = torch.ones((), dtype=torch.bool, device=device)  # every loss of this accumulation window
     step_start = time.perf_counter()
-    for batch in stream if global_step < max_train_steps else []:
+    for batch in stream:
         with acc.accumulate(method.student_model):
             z0 = encode_images(teacher, batch["pixel_values"], args.vae_encode_batch_size, generator)
             cond, uncond = teacher.family.conditions(batch, args.resolution, args.use_fix_crop_and_size)
@@ -232,33 +268,54 @@ def train(args, method):
                 loss = lcd_loss(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
                                 method.target_forward, schedule, args.loss_type, args.huber_c, generator)
             acc.backward(loss)
-            if acc.sync_gradients and args.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            window_finite &= torch.isfinite(loss.detach())
+            if acc.sync_gradients:
+                # One agreement per optimizer step: every rank skips the same updates and stops at the same step.
+                stop_signal, nonfinite = agree(acc, stop.received or 0, not bool(window_finite))
+                if not nonfinite:
+                    if args.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         if not acc.sync_gradients:
             continue
-        lr_scheduler.step()
-        method.update_target()
-        global_step += 1
-
-        now = time.perf_counter()
-        logs = {"train/loss": loss.detach().item(), "train/lr": lr_scheduler.get_last_lr()[0],
-                "train/samples_per_s": samples_per_step / max(now - step_start, 1e-9)}
-        if global_step % SKIP_LOG_EVERY == 0 or global_step == max_train_steps:
-            logs.update(gather_skip_counts(acc, stream))
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}",
-                             samples_s=f"{logs['train/samples_per_s']:.1f}")
-        acc.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(run, global_step, optimizer, lr_scheduler, stream, generator)
-        if global_step % args.validation_steps == 0:
-            run_validation(run, teacher, global_step)
+        window_finite.fill_(True)
+        if nonfinite:  # nothing reached the weights, the target or the lr schedule
+            if guard.in_a_row + 1 >= guard.limit:
+                progress.close()  # the error line starts on a line of its own
+            guard.skipped(global_step + 1, saved_step and ckpt.final_path(args.output_dir, saved_step))
+            run.log(f"step {global_step + 1}: non-finite loss, update skipped ({guard.in_a_row} in a row)")
+            acc.log({"train/nonfinite_skipped": guard.total}, step=global_step)
+        else:
+            guard.passed()
+            lr_scheduler.step()
+            method.update_target()
+            global_step += 1
+            now = time.perf_counter()
+            logs = {"train/loss": loss.detach().item(), "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/samples_per_s": samples_per_step / max(now - step_start, 1e-9)}
+            if global_step % SKIP_LOG_EVERY == 0 or global_step == max_train_steps:
+                logs.update(gather_skip_counts(acc, stream))
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}",
+                                 samples_s=f"{logs['train/samples_per_s']:.1f}")
+            acc.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                checkpoint(global_step)
+            if global_step % args.validation_steps == 0 and not stop_signal:
+                run_validation(run, teacher, global_step)
+        if stop_signal:
+            progress.close()
+            checkpoint(global_step)
+            run.log(f"stopped at step {global_step} (checkpoint-{global_step}); resume with: "
+                    f"{resume_command(sys.argv[1:], sys.argv[0])}")
+            acc.end_training()
+            return 128 + stop_signal
         if global_step >= max_train_steps:
             break
         step_start = time.perf_counter()  # throughput counts training only, not saving or validating
     progress.close()
+    checkpoint(global_step)  # the last step is always resumable, so a run can be extended
     finish(run, teacher, global_step)
     return 0
 
@@ -314,7 +371,7 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         ckpt.write_json(os.path.join(folder, ckpt.STATE_FILE),
-                        {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes,
+                        {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes, "run_id": run.run_id,
                          "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
         final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
         run.log(f"saved {final}")
@@ -356,6 +413,7 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
         raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes, "
                           f"this run has {acc.num_processes}; relaunch with the same number")
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
+    run.run_id = state.get("run_id", run.run_id)
     run.method.load_state(path)
     load_optimizer(acc, optimizer, path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -403,10 +461,11 @@ def run_validation(run, teacher, step):
                 for steps in args.validation_inference_steps:
                     gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
                     with acc.autocast():
-                        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                                     height=args.resolution, width=args.resolution, generator=gen,
-                                     output_type="np").images[0]
-                    row.append(image)
+                        latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                                       height=args.resolution, width=args.resolution, generator=gen,
+                                       output_type="latent").images
+                    # Decoded outside autocast, in the VAE's own dtype: SDXL's VAE overflows in fp16.
+                    row.append(decode_to_array(pipe, latents)[0])
                 rows.append(np.concatenate(row, axis=1))
             del pipe
         grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
@@ -439,18 +498,37 @@ def log_grid(acc, grid, step):
 
 
 def finish(run, teacher, step):
+    """Export the weights of `step` (scheduler, weights, model card, then exported.json), unless output_dir already
+    holds this run's export of this step or a later one: a rerun past the end leaves the export untouched, and
+    older weights never replace newer ones. A new run (no resume) in the same folder exports its own."""
     acc, args = run.accelerator, run.args
     acc.wait_for_everyone()
     if acc.is_main_process:
-        usage = run.method.export(args.output_dir)
-        write_model_card(args, usage, step)
-        run.log(f"saved the distilled model to {args.output_dir}")
-        if run.repo_id:
-            from huggingface_hub import upload_folder
+        previous = read_export_state(args.output_dir)
+        if previous.get("run_id") == run.run_id and previous.get("step", -1) >= step:
+            run.log(f"{args.output_dir} already holds this run's export of step {previous['step']}; left as it is "
+                    f"(delete {EXPORT_STATE} there to export step {step} again)")
+        else:
+            export_scheduler(teacher, args, args.output_dir)
+            usage = run.method.export(args.output_dir)
+            write_model_card(args, usage, step)
+            # Written last: an export cut short by a kill has no record, and the next run writes it again.
+            ckpt.write_json(os.path.join(args.output_dir, EXPORT_STATE), {"step": step, "run_id": run.run_id})
+            run.log(f"saved the distilled model (step {step}) to {args.output_dir}")
+            if run.repo_id:
+                from huggingface_hub import upload_folder
 
-            upload_folder(repo_id=run.repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "*.partial", "logs/*"])
+                upload_folder(repo_id=run.repo_id, folder_path=args.output_dir, token=args.hub_token,
+                              ignore_patterns=["checkpoint-*", "*.partial", "logs/*"])
     acc.end_training()
+
+
+def read_export_state(output_dir):
+    path = os.path.join(output_dir, EXPORT_STATE)
+    try:
+        return ckpt.read_json(path)
+    except (OSError, ValueError):
+        return {}
 
 
 def create_hub_repo(args):

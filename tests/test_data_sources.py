@@ -27,15 +27,23 @@ def test_original_size_from_metadata_and_bad_sizes_are_skipped(tmp_path):
         {"original_height": "tall", "original_width": 640},
         {"original_height": 480},  # half a size
         {"height": -3, "width": 640},
+        {"height": 1e20, "width": 640},  # would overflow the batch's int64 tensor
+        {"original_height": 0.4, "original_width": 640},  # rounds to 0
         b"{broken json",  # the caption comes from .txt; no metadata
     ]
     path = write_tar(tmp_path / "meta.tar", laion_samples(metas))
     stream = TrainStream(spec_for(train_shards_path_or_url=path, train_batch_size=1, shuffle_buffer_size=0))
     batches = take(stream, 5)
-    assert captions_of(batches) == ["caption 0", "caption 1", "caption 2", "caption 3", "caption 7"]
+    assert captions_of(batches) == ["caption 0", "caption 1", "caption 2", "caption 3", "caption 9"]
     assert [b["original_sizes"][0].tolist() for b in batches] == [[900, 1600], [480, 640], [10, 12], [720, 1280],
                                                                    [10, 12]]
-    assert stream.skipped == {"bad_size_metadata": 3}
+    assert stream.skipped == {"bad_size_metadata": 5}
+    # An SD teacher has no time ids: size metadata is not read, so nothing is skipped for it.
+    sd_stream = TrainStream(spec_for(train_shards_path_or_url=path, train_batch_size=1, shuffle_buffer_size=0,
+                                     use_size_metadata=False))
+    sd_batches = take(sd_stream, 10)
+    assert captions_of(sd_batches) == [f"caption {i}" for i in range(10)] and not sd_stream.skipped
+    assert all(b["original_sizes"][0].tolist() == [10, 12] for b in sd_batches)
 
 
 def test_laion_filters_reject_and_count_and_missing_fields_pass(tmp_path):

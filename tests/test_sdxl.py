@@ -321,12 +321,29 @@ def test_lora_sdxl_from_a_dataset_on_two_processes_loads_with_load_lora_weights(
     np.testing.assert_allclose(fused, adapted, atol=1e-4)  # ...and fusing keeps what they do
 
 
-def test_full_sdxl_from_a_folder_with_fixed_crop_and_size(sdxl_assets, assets, tmp_path):
+def test_full_sdxl_from_a_plain_folder_read_by_load_dataset_with_fixed_crop_and_size(sdxl_assets, assets, tmp_path):
+    """--dataset_name on a folder of images + metadata.jsonl: datasets' imagefolder builder, through the script."""
     out = str(tmp_path / "out")
     args = sdxl_args(sdxl_assets, out, train_shards_path_or_url=None, max_train_samples=None,
-                     train_data_dir=assets["images"], use_fix_crop_and_size=True, max_train_steps=2)
+                     dataset_name=assets["images"], cache_dir=str(tmp_path / "cache"), use_fix_crop_and_size=True,
+                     max_train_steps=2)
     check_ok(launch("train_lcm_distill.py", args))
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_lora_sdxl_from_a_folder_resumes_exactly_with_an_ema_target(sdxl_assets, assets, tmp_path):
+    from safetensors.torch import load_file
+
+    def make_args(out):
+        return sdxl_args(sdxl_assets, out, train_shards_path_or_url=None, max_train_samples=None,
+                         train_data_dir=assets["images"], random_flip=True, lora_rank=4, lora_alpha=8,
+                         learning_rate=1e-2, ema_decay=0.9, max_train_steps=4, checkpointing_steps=2)
+
+    straight, resumed = straight_and_resumed("train_lcm_lora.py", make_args, tmp_path,
+                                             after=("checkpoint-4", "ema", "pytorch_lora_weights.safetensors"))
+    for name in ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"):
+        a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_the_real_sdxl_configs_pass_the_family_checks(tmp_path, monkeypatch):
@@ -357,8 +374,8 @@ def test_the_real_sdxl_configs_pass_the_family_checks(tmp_path, monkeypatch):
 
 
 def test_vae_precision_follows_force_upcast_and_a_given_vae_runs_low(sdxl_assets, tmp_path):
-    """The teacher's own VAE stays fp32 when its config sets force_upcast (SDXL's does); a VAE given with
-    --pretrained_vae_model_name_or_path (an fp16-safe one) and a VAE without force_upcast run in the low precision."""
+    """A VAE whose config sets force_upcast (SDXL's and SD's own) stays fp32, the teacher's or one given with
+    --pretrained_vae_model_name_or_path; one without it (the fp16-fix VAE) runs in the low precision."""
     from lcm_utils.teacher import load_teacher
 
     def vae_dtype(teacher, *extra):
@@ -373,3 +390,26 @@ def test_vae_precision_follows_force_upcast_and_a_given_vae_runs_low(sdxl_assets
     assert vae_dtype(sdxl_assets["sdxl"], "--pretrained_vae_model_name_or_path", str(safe_vae)) == torch.bfloat16
     no_upcast = broken_copy(sdxl_assets, tmp_path, lambda f: shutil.copy(safe_vae / "config.json", f / "vae"))
     assert vae_dtype(no_upcast) == torch.bfloat16
+    # A given VAE that asks for fp32 (SDXL's own, by path) gets it too.
+    own_vae = os.path.join(sdxl_assets["sdxl"], "vae")
+    assert vae_dtype(sdxl_assets["sdxl"], "--pretrained_vae_model_name_or_path", own_vae) == torch.float32
+
+
+def test_a_bad_dataset_column_is_reported_before_any_model_loads(sdxl_assets, tmp_path, capsys, monkeypatch):
+    import lcm_utils.training as training
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "load_teacher", no_loading)
+    data = write_dataset(str(tmp_path / "dataset"), num=2)
+    capsys.readouterr()  # the dataset's own progress bars
+    argv = sdxl_args(sdxl_assets, str(tmp_path / "out"), train_shards_path_or_url=None, max_train_samples=None,
+                     dataset_name=data, caption_column="captions")
+    try:
+        err = error_of(argv, capsys)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    assert "--caption_column: 'captions' is not a column of --dataset_name" in err
