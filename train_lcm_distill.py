@@ -16,7 +16,7 @@ from lcm_utils.checkpoint import load_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update, guidance_embedding
 from lcm_utils.teacher import build_student
-from lcm_utils.training import DistillationMethod, main, pretrained_parts, stock_pipeline, vae_import
+from lcm_utils.training import DistillationMethod, in_dtype, main, pretrained_parts, stock_pipeline, vae_import
 
 class FullDistillation(DistillationMethod):
     name = "full LCM distillation"
@@ -54,12 +54,15 @@ class FullDistillation(DistillationMethod):
         return guidance_embedding(w, self.guidance_embedding_dim).to(dtype)
 
     def student_forward(self, z, t, cond, w):
+        z, cond = in_dtype(self.student.dtype, z, cond)
         return self.student_model(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def teacher_forward(self, z, t, cond):
+        z, cond = in_dtype(self.teacher_unet.dtype, z, cond)
         return self.teacher_unet(z, t, **cond).sample
 
     def target_forward(self, z, t, cond, w):
+        z, cond = in_dtype(self.target.dtype, z, cond)
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def update_target(self):

@@ -17,7 +17,7 @@ import torch
 from lcm_utils.checkpoint import load_tensors, save_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update
-from lcm_utils.training import DistillationMethod, main, pretrained_parts, stock_pipeline, vae_import
+from lcm_utils.training import DistillationMethod, in_dtype, main, pretrained_parts, stock_pipeline, vae_import
 
 # Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
 DEFAULT_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
@@ -83,10 +83,12 @@ class LoraDistillation(DistillationMethod):
         return {name: params[name] for name in self.lora_names}
 
     def student_forward(self, z, t, cond, w):
+        z, cond = in_dtype(self.student.dtype, z, cond)  # the base's dtype; peft casts to the adapters' itself
         return self.student_model(z, t, **cond).sample
 
     def teacher_forward(self, z, t, cond):
         # On the unwrapped UNet (not through DDP): a no-grad pass that must not take part in gradient sync.
+        z, cond = in_dtype(self.student.dtype, z, cond)
         self.student.disable_adapters()
         try:
             return self.student(z, t, **cond).sample
@@ -94,6 +96,7 @@ class LoraDistillation(DistillationMethod):
             self.student.enable_adapters()
 
     def target_forward(self, z, t, cond, w):
+        z, cond = in_dtype(self.student.dtype, z, cond)
         if self.ema is None:
             return self.student(z, t, **cond).sample
         # The EMA adapters stand in for the online ones for this call only; the online tensors stay

@@ -90,6 +90,16 @@ class DistillationMethod:
         raise NotImplementedError
 
 
+def in_dtype(dtype, z, cond):
+    """(z, cond) with every floating tensor in `dtype`, the dtype of the UNet they go into. Under autocast this
+    changes no value; under DeepSpeed, where accelerate does not autocast, a half-precision engine must get
+    half-precision inputs, and an fp32 teacher fp32 ones (the text encoders run in the low precision)."""
+    if isinstance(cond, dict):  # SDXL's time ids stay fp32: the UNet embeds them in fp32 (1366 is not a bf16)
+        return z.to(dtype), {key: value if key == "time_ids" else in_dtype(dtype, z, value)[1]
+                             for key, value in cond.items()}
+    return z.to(dtype), (cond.to(dtype) if cond.is_floating_point() else cond)
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse, but a bad flag raises ConfigError (one line) instead of printing the whole usage."""
 
@@ -460,7 +470,10 @@ def run_validation(run, teacher, step):
                 row = []
                 for steps in args.validation_inference_steps:
                     gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
-                    with acc.autocast():
+                    # torch's own autocast: accelerate's does nothing under DeepSpeed, and the pipeline's text
+                    # encoders (low precision) and fresh UNet (fp32) must still meet.
+                    with torch.autocast(acc.device.type, dtype=run.weight_dtype,
+                                        enabled=run.weight_dtype != torch.float32):
                         latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                        height=args.resolution, width=args.resolution, generator=gen,
                                        output_type="latent").images

@@ -314,3 +314,30 @@ def test_bad_stop_signal_names_are_refused(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_in_process(base_args(assets, str(tmp_path / "out"), stop_signals="SIGTERM,SIGKILL"))
     assert "--stop_signals: 'SIGKILL' is not a signal a process can catch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_lcm_distill.py", "train_lcm_lora.py"])
+def test_half_precision_parts_without_autocast_match_dtypes(assets, sdxl_assets, tmp_path, monkeypatch, script):
+    """Under DeepSpeed accelerate does not autocast: bf16 text encoders, a bf16 teacher and fp32 student/target
+    (or a half-precision engine) must still meet inputs of their own dtype. Simulated on CPU by turning
+    accelerate's autocast off, on the SDXL teacher (nested conditions, fp32 time ids)."""
+    import contextlib
+
+    import accelerate
+
+    from lcm_utils.training import main
+    from train_lcm_distill import FullDistillation
+    from train_lcm_lora import LoraDistillation
+
+    monkeypatch.setattr(accelerate.Accelerator, "autocast", lambda self, *a, **k: contextlib.nullcontext())
+    out = str(tmp_path / "out")
+    argv = base_args({"teacher": sdxl_assets["sdxl"]}, out, teacher="teacher", train_data_dir=assets["images"],
+                     mixed_precision="bf16", cast_teacher_unet=True, max_train_steps=2, validation_steps=2)
+    if script == "train_lcm_lora.py":
+        argv += ["--lora_rank", "4"]
+    from accelerate.state import AcceleratorState
+
+    try:
+        assert main(LoraDistillation if "lora" in script else FullDistillation, "test", argv) == 0
+    finally:
+        AcceleratorState._reset_state(True)
