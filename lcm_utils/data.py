@@ -487,13 +487,51 @@ def read_metadata(path: str, image_column: str) -> tuple:
     return records, malformed
 
 
-def permuted_share(num_items: int, seed: int, epoch: int, slot: int, num_readers: int, start: int):
-    """(index, item number, None) of a reader's share of the epoch's seeded permutation of an indexable source,
-    from `start`; no state function: `start` alone places a reader in a permutation."""
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_items)
-    share = permutation[slot::num_readers]
+def pack_bitmap(flags: np.ndarray) -> str:
+    """A boolean array as compact JSON-able text (zlib-compressed bits, base64)."""
+    import base64
+
+    return base64.b64encode(zlib.compress(np.packbits(flags).tobytes())).decode("ascii")
+
+
+def unpack_bitmap(text: str, length: int) -> np.ndarray:
+    import base64
+
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(bits)[:length].astype(bool)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, plan: Optional[dict] = None) -> np.ndarray:
+    """Item numbers of an indexable source's epoch in reading order: the seeded permutation, less the items an
+    elastic resume found already used (`plan`)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    if plan is not None:
+        order = order[~unpack_bitmap(plan["consumed"], num_items)[order]]
+    return order
+
+
+def permuted_share(num_items: int, seed: int, epoch: int, slot: int, num_readers: int, start: int,
+                   plan: Optional[dict] = None):
+    """(index, item number, None) of a reader's share of the epoch's order of an indexable source, from `start`;
+    no state function: `start` alone places a reader in its share."""
+    share = epoch_order(num_items, seed, epoch, plan)[slot::num_readers]
     for index in range(start, len(share)):
         yield index, int(share[index]), None
+
+
+def indexable_elastic_plan(num_items: int, seed: int, epoch: int, readers: list, num_readers: int,
+                           plan: Optional[dict]) -> dict:
+    """The plan of `epoch` for a new reader layout: every item an old reader already used is marked consumed.
+    readers: the old layout's [{"slot", "epoch", "emitted"}], num_readers of them."""
+    order = epoch_order(num_items, seed, epoch, plan)
+    consumed = unpack_bitmap(plan["consumed"], num_items) if plan else np.zeros(num_items, dtype=bool)
+    for reader in readers:
+        share = order[reader["slot"]::num_readers]
+        if reader["epoch"] > epoch:
+            consumed[share] = True
+        elif reader["epoch"] == epoch:
+            consumed[share[:reader["emitted"]]] = True
+    return {"consumed": pack_bitmap(consumed)}
 
 
 class FolderSource:
@@ -530,9 +568,12 @@ class FolderSource:
         return len(self.items)
 
     def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
-                   shard_state: Optional[dict] = None):
+                   shard_state: Optional[dict] = None, plan: Optional[dict] = None):
         """(index, item number, None) of this reader's share of the epoch permutation, from `start`."""
-        return permuted_share(len(self.items), seed, epoch, slot, num_readers, start)
+        return permuted_share(len(self.items), seed, epoch, slot, num_readers, start, plan)
+
+    def elastic_plan(self, seed, epoch, readers, num_readers, plan):
+        return indexable_elastic_plan(len(self.items), seed, epoch, readers, num_readers, plan)
 
     def _caption_bytes_or_value(self, relative: str):
         """Raw caption: a metadata value, sidecar .txt bytes, or None."""
@@ -675,8 +716,10 @@ class ShardEpoch:
     """One reader's raw samples of an epoch, with ids (shard position, sample in shard), through its buffer."""
 
     def __init__(self, urls: list, by_sample: bool, slot: int, num_readers: int, shuffler: ShuffleBuffer,
-                 events: list):
+                 events: list, picks: Optional[list] = None):
         self.urls = urls  # this reader's shards in epoch order; every shard when split by sample
+        # Per shard, which samples an elastic resume left to read: (first index, only these indices or None).
+        self.picks = picks or [(0, None)] * len(urls)
         self.by_sample = by_sample
         self.slot, self.num_readers = slot, num_readers
         self.shuffler = shuffler
@@ -690,9 +733,12 @@ class ShardEpoch:
         for position in range(first, len(self.urls)):
             self.shard_starts[position] = global_index
             index = 0
+            lowest, only = self.picks[position]
             for sample in read_shard(self.urls[position]):
                 # Split by sample, a damage is counted by the one reader whose turn it interrupts.
                 mine = not self.by_sample or global_index % self.num_readers == self.slot
+                if index < lowest or (only is not None and index not in only):
+                    mine = False  # used before an elastic resume
                 if sample is SHARD_DAMAGED:
                     if mine:
                         self.events.append(SHARD_DAMAGED)
@@ -782,24 +828,79 @@ class ShardSource:
         """Global samples per epoch: only known when max_train_samples sets it."""
         return self.max_train_samples
 
-    def _epoch_reader(self, seed: int, epoch: int, slot: int, num_readers: int, events: list) -> ShardEpoch:
-        """The reader's shards of the epoch and its seeded shuffle buffer."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.urls))
-        epoch_urls = [self.urls[i] for i in order]
+    def reader_segments(self, seed: int, epoch: int, slot: int, num_readers: int, plan: Optional[dict]) -> tuple:
+        """(segments [[url number, first index, only-indices or None]], split by sample) of a reader's epoch."""
+        if plan is not None:  # an elastic resume's rest of the epoch, dealt out segment by segment
+            return [list(segment) for segment in plan["segments"][slot::num_readers]], False
+        order = [int(i) for i in np.random.default_rng([seed, epoch]).permutation(len(self.urls))]
         # Too few shards to split: every reader reads all of them and keeps every num_readers-th sample.
-        by_sample = len(epoch_urls) < num_readers
-        urls = epoch_urls if by_sample else epoch_urls[slot::num_readers]
+        by_sample = len(order) < num_readers
+        return [[i, 0, None] for i in (order if by_sample else order[slot::num_readers])], by_sample
+
+    def _epoch_reader(self, seed: int, epoch: int, slot: int, num_readers: int, events: list,
+                      plan: Optional[dict] = None) -> ShardEpoch:
+        """The reader's shards of the epoch and its seeded shuffle buffer."""
+        segments, by_sample = self.reader_segments(seed, epoch, slot, num_readers, plan)
         shuffler = ShuffleBuffer(self.buffer_size, np.random.default_rng([seed, epoch, slot]))
-        return ShardEpoch(urls, by_sample, slot, num_readers, shuffler, events)
+        picks = [(first, None if only is None else frozenset(only)) for _, first, only in segments]
+        return ShardEpoch([self.urls[i] for i, _, _ in segments], by_sample, slot, num_readers, shuffler, events,
+                          picks)
+
+    def _reader_limit(self, slot: int, num_readers: int, plan: Optional[dict]) -> Optional[int]:
+        """Samples a reader takes of an epoch: max_train_samples split (rounded up) between the readers; in an
+        epoch split by an elastic resume, what was left of it, split exactly."""
+        if plan is None:
+            return None if self.max_train_samples is None else math.ceil(self.max_train_samples / num_readers)
+        total = plan.get("total")
+        return None if total is None else total // num_readers + (slot < total % num_readers)
+
+    def elastic_plan(self, seed: int, epoch: int, readers: list, num_readers: int, plan: Optional[dict]) -> dict:
+        """The rest of `epoch` after the old layout's readers: what each has not read yet, the samples waiting in
+        its shuffle buffer included, as segments a new layout deals out; and the samples left of the epoch length."""
+        segments, left = [], 0
+        for reader in readers:
+            limit = self._reader_limit(reader["slot"], num_readers, plan)
+            mine, by_sample = self.reader_segments(seed, epoch, reader["slot"], num_readers, plan)
+            state = reader.get("shard_state")
+            if reader["epoch"] > epoch or (limit is not None and reader["epoch"] == epoch
+                                           and reader["emitted"] >= limit):
+                continue
+            if reader["epoch"] < epoch or (reader["emitted"] == 0 and state is None):
+                left += limit or 0
+                if by_sample:
+                    raise DataError("an elastic resume needs at least as many shards as data readers (processes x "
+                                    "workers) in the checkpoint's run; resume with its processes and workers")
+                segments += mine
+                continue
+            if state is None or by_sample:
+                raise DataError("this checkpoint's shard position cannot be split between another number of readers "
+                                "(it predates shard states, or read fewer shards than readers); resume with the "
+                                "processes and --dataloader_num_workers that wrote it")
+            left += (limit or 0) - reader["emitted"]
+            waiting = {}
+            for position, index in state["buffer"]:
+                waiting.setdefault(position, []).append(index)
+            for position, indices in sorted(waiting.items()):
+                segments.append([mine[position][0], 0, sorted(indices)])
+            if not state["exhausted"]:
+                position, index = state["next"]
+                if position < len(mine):
+                    url, first, only = mine[position]
+                    later = None if only is None else [i for i in only if i >= index]
+                    if later is None or later:
+                        segments.append([url, max(first, index), later])
+                segments += mine[position + 1:]
+        has_limit = self.max_train_samples is not None if plan is None else plan.get("total") is not None
+        return {"segments": segments, "total": left if has_limit else None}
 
     def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
-                   shard_state: Optional[dict] = None):
+                   shard_state: Optional[dict] = None, plan: Optional[dict] = None):
         """(index, raw sample, state function) after the shuffle buffer from `start`; a state function's result as
         `shard_state` rebuilds the reader from the shards it still needs, else the epoch is replayed undecoded."""
-        limit = None if self.max_train_samples is None else math.ceil(self.max_train_samples / num_readers)
+        limit = self._reader_limit(slot, num_readers, plan)
         if limit is not None and start >= limit:
             return  # the reader's share of this epoch is already out
-        reader = self._epoch_reader(seed, epoch, slot, num_readers, events)
+        reader = self._epoch_reader(seed, epoch, slot, num_readers, events, plan)
         if shard_state is None:
             first_index, raw = 0, reader.raw(0, 0)
         else:
@@ -874,6 +975,7 @@ class ReaderSetup:
     start_index: int
     skipped: dict
     shard_state: Optional[str] = None  # JSON rebuild state of a shard reader at the start position
+    plans: Optional[dict] = None  # {str(epoch): plan} of the epochs an elastic resume split anew
 
 
 def _count(counters: tuple, reason: str) -> None:
@@ -918,7 +1020,9 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
     while True:
         epoch_counts, events, raw_count, usable = Counter(), [], 0, 0
         counters = (skipped, epoch_counts)
-        samples = setup.source.iter_epoch(setup.seed, epoch, setup.slot, setup.num_readers, start, events, shard_state)
+        plan = (setup.plans or {}).get(str(epoch))
+        samples = setup.source.iter_epoch(setup.seed, epoch, setup.slot, setup.num_readers, start, events, shard_state,
+                                          plan)
         for index, raw, state_function in samples:
             _record_events(events, counters)
             raw_count += 1
@@ -937,8 +1041,9 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
                 yield batch
                 examples = []
         _record_events(events, counters)
-        # Only a reader that saw the epoch from its start can tell it is empty or all bad.
-        if start == 0:
+        # Only a reader that saw the whole epoch can tell it is empty or all bad; the rest of an epoch that an
+        # elastic resume split (a plan) may rightly leave a reader nothing.
+        if start == 0 and plan is None:
             _check_full_epoch(setup, epoch, raw_count, usable, epoch_counts)
         epoch, start, shard_state = epoch + 1, 0, None
 
@@ -947,7 +1052,7 @@ class ReaderDataset(IterableDataset):
     """The rank's readers as a DataLoader dataset; each worker forms whole batches of its reader."""
 
     def __init__(self, source, spec: DataSpec, seed: int, rank: int, world_size: int, rotation: int,
-                 positions: list, skipped: list, shard_states: list):
+                 positions: list, skipped: list, shard_states: list, plans: dict):
         self.source = source
         self.transform = Transform.from_spec(spec)
         self.batch_size = spec.train_batch_size
@@ -957,6 +1062,7 @@ class ReaderDataset(IterableDataset):
         self.positions = positions
         self.skipped = skipped
         self.shard_states = shard_states
+        self.plans = plans
 
     def _setup(self, physical_worker: int) -> ReaderSetup:
         """Reader of a physical worker: rotated so the worker asked first continues the saved order."""
@@ -974,6 +1080,7 @@ class ReaderDataset(IterableDataset):
             start_index=index,
             skipped=self.skipped[logical],
             shard_state=self.shard_states[logical],
+            plans=self.plans,
         )
 
     def __iter__(self):
@@ -1008,6 +1115,7 @@ class TrainStream:
         self._shard_states = [None] * self.num_workers
         self._batches_consumed = 0
         self._epoch = 0
+        self._plans = {}  # {str(epoch): plan}: epochs split anew by an elastic resume
 
     @property
     def skipped(self) -> dict:
@@ -1034,6 +1142,8 @@ class TrainStream:
             "skipped": [dict(counts) for counts in self._skipped],
             "epoch": self._epoch,
             "shard_states": [None if state is None else json.loads(state) for state in self._shard_states],
+            "plans": {epoch: plan for epoch, plan in self._plans.items()
+                      if int(epoch) >= min(position[0] for position in self._positions)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1062,6 +1172,36 @@ class TrainStream:
         self._shard_states = [None if saved is None else json.dumps(saved) for saved in shard_states]
         self._batches_consumed = int(state["batches_consumed"])
         self._epoch = int(state.get("epoch", min(epoch for epoch, _ in self._positions)))
+        self._plans = dict(state.get("plans") or {})
+
+    def load_elastic(self, states: list) -> None:
+        """Continue from the data states of every rank of a run with another number of processes or workers, at the
+        same global sample position: each epoch an old reader was still in is split anew between this layout's
+        readers, less what any old reader used (shard readers' buffered samples included). Call before iterating."""
+        states = sorted(states, key=lambda state: state["rank"])
+        old_workers = int(states[0]["num_workers"])
+        old_readers = len(states) * old_workers
+        readers = [{"slot": state["rank"] * old_workers + worker, "epoch": int(state["positions"][worker][0]),
+                    "emitted": int(state["positions"][worker][1]),
+                    "shard_state": (state.get("shard_states") or [None] * old_workers)[worker]}
+                   for state in states for worker in range(old_workers)]
+        seed, old_plans = int(states[0]["seed"]), {}
+        for state in states:  # each rank keeps the plans of the epochs its own readers may still be in
+            old_plans.update(state.get("plans") or {})
+        first, last = min(r["epoch"] for r in readers), max(r["epoch"] for r in readers)
+        self.seed = seed
+        self._plans = {str(epoch): self._source.elastic_plan(seed, epoch, readers, old_readers,
+                                                               old_plans.get(str(epoch)))
+                       for epoch in range(first, last + 1)}
+        self._positions = [[first, 0] for _ in range(self.num_workers)]
+        self._shard_states = [None] * self.num_workers
+        totals = Counter()  # the skip counts so far, kept once: on rank 0's first reader
+        for state in states:
+            for counts in state["skipped"]:
+                totals.update(counts)
+        self._skipped = [dict(totals) if self.rank == 0 and worker == 0 else {} for worker in range(self.num_workers)]
+        self._batches_consumed = 0
+        self._epoch = first
 
     def _loader(self) -> DataLoader:
         """DataLoader whose workers continue from the recorded positions."""
@@ -1071,6 +1211,7 @@ class TrainStream:
             positions=[list(position) for position in self._positions],
             skipped=[dict(counts) for counts in self._skipped],
             shard_states=list(self._shard_states),
+            plans=dict(self._plans),
         )
         workers = self.spec.dataloader_num_workers
         return DataLoader(

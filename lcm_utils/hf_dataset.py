@@ -8,7 +8,8 @@ when --dataset_name is used.
 import os
 from collections import Counter
 
-from .data import DataError, SampleRules, SkipSample, checked_caption, decode_image, permuted_share, read_file
+from .data import (DataError, SampleRules, SkipSample, checked_caption, decode_image, indexable_elastic_plan,
+                   permuted_share, read_file)
 
 # Files that Dataset.save_to_disk / DatasetDict.save_to_disk write: such a folder loads with load_from_disk.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
@@ -72,9 +73,12 @@ class DatasetSource:
     def samples_per_epoch(self) -> int:
         return self.size
 
-    def iter_epoch(self, seed, epoch, slot, num_readers, start, events, shard_state=None):
+    def iter_epoch(self, seed, epoch, slot, num_readers, start, events, shard_state=None, plan=None):
         """(index, row number, None) of this reader's share of the epoch permutation, from `start`."""
-        return permuted_share(self.size, seed, epoch, slot, num_readers, start)
+        return permuted_share(self.size, seed, epoch, slot, num_readers, start, plan)
+
+    def elastic_plan(self, seed, epoch, readers, num_readers, plan):
+        return indexable_elastic_plan(self.size, seed, epoch, readers, num_readers, plan)
 
     def _image(self, row: int):
         value = self.images[row][self.image_column]

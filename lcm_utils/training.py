@@ -419,9 +419,12 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
             run.log(f"no checkpoint in '{args.output_dir}': starting a new run")
         return 0
     state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
-    if state["num_processes"] != acc.num_processes:
-        raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes, "
-                          f"this run has {acc.num_processes}; relaunch with the same number")
+    rank_states = [ckpt.read_json(os.path.join(path, f"rank_{r}.json")) for r in range(state["num_processes"])]
+    old_workers = rank_states[0]["data"]["num_workers"]
+    same_layout = state["num_processes"] == acc.num_processes and old_workers == stream.num_workers
+    if not same_layout and uses_deepspeed(acc):
+        raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes and "
+                          f"DeepSpeed keeps one optimizer shard per process; relaunch with that number")
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
     run.run_id = state.get("run_id", run.run_id)
     run.method.load_state(path)
@@ -429,9 +432,18 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
-    rank_state = ckpt.read_json(os.path.join(path, f"rank_{acc.process_index}.json"))
-    ckpt.set_rng_state(rank_state["rng"], generator)
-    stream.load_state_dict(rank_state["data"])
+    if same_layout:
+        ckpt.set_rng_state(rank_states[acc.process_index]["rng"], generator)
+        stream.load_state_dict(rank_states[acc.process_index]["data"])
+    else:  # elastic: the same global sample position, split between this run's readers
+        stream.load_elastic([rank_state["data"] for rank_state in rank_states])
+        if acc.process_index < len(rank_states):
+            ckpt.set_rng_state(rank_states[acc.process_index]["rng"], generator)
+        else:  # a rank the checkpoint did not have: its own noise stream, not one already used at step 0
+            generator.manual_seed(args.seed * 1000 + acc.process_index + 7919 * (state["global_step"] + 1))
+        run.log(f"elastic resume: {path} was written by {state['num_processes']} process(es) x {old_workers} data "
+                f"reader(s), this run has {acc.num_processes} x {stream.num_workers}: it continues from the same "
+                f"sample position, but is not bitwise equal to an uninterrupted run")
     run.log(f"resumed from {path} at step {state['global_step']}")
     return state["global_step"]
 
