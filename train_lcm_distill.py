@@ -103,6 +103,8 @@ class FullDistillation(DistillationMethod):
     def default_validation_guidance(self, args):
         return args.w_min + 1  # the pipeline embeds guidance_scale - 1 = w_min, a value seen in training
 
+    validation_guidance_text = "w_min + 1, so the student's w-embedding gets w_min"
+
 
 if __name__ == "__main__":
     raise SystemExit(main(FullDistillation, __doc__.splitlines()[0]))

@@ -170,6 +170,8 @@ class LoraDistillation(DistillationMethod):
     def default_validation_guidance(self, args):
         return 1.0  # LCM-LoRA samples without CFG
 
+    validation_guidance_text = "1.0, no CFG, as LCM-LoRA samples"
+
 
 if __name__ == "__main__":
     raise SystemExit(main(LoraDistillation, __doc__.splitlines()[0]))

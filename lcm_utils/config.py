@@ -86,19 +86,21 @@ def add_shared_flags(parser):
     g.add_argument("--num_train_epochs", type=int, default=100,
                    help="Epochs, used only when --max_train_steps is not given.")
     g.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches per optimizer step.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute student activations.")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (after warm-up).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the lr by gradient_accumulation_steps * train_batch_size * num_processes.")
-    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
+                   help="diffusers learning-rate schedule, stepped once per optimizer step.")
     g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up in optimizer steps.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes).")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
                    help="Overrides the accelerate config. Student master weights stay fp32.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -114,15 +116,17 @@ def add_shared_flags(parser):
 
     g = parser.add_argument_group("consistency distillation")
     g.add_argument("--w_min", type=float, default=5.0, help="Guidance w ~ U[w_min, w_max] (LCM form: scale - 1).")
-    g.add_argument("--w_max", type=float, default=15.0)
+    g.add_argument("--w_max", type=float, default=15.0, help="Upper end of the guidance range.")
     g.add_argument("--num_ddim_timesteps", type=int, default=50, help="N of the skipping-step DDIM solver.")
-    g.add_argument("--loss_type", type=str, default="l2", choices=("l2", "huber"))
+    g.add_argument("--loss_type", type=str, default="l2", choices=("l2", "huber"),
+                   help="Consistency distance: L2 or pseudo-Huber.")
     g.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss.")
     g.add_argument("--timestep_scaling_factor", type=float, default=10.0,
                    help="Scales t in the boundary scalings c_skip/c_out; exported into the LCMScheduler config.")
 
     g = parser.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Optimizer steps between checkpoints (the last step is always checkpointed).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (starts fresh when there is none), a checkpoint name or a path.")
@@ -131,7 +135,7 @@ def add_shared_flags(parser):
                         "128 + signal number (a second one stops at once); comma list, or 'none'.")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="A non-finite loss skips the update; after this many in a row the run stops with an error.")
-    g.add_argument("--validation_steps", type=int, default=200)
+    g.add_argument("--validation_steps", type=int, default=200, help="Optimizer steps between validation grids.")
     g.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                    help="Prompts of the validation grid (default: four generic prompts).")
     g.add_argument("--validation_inference_steps", type=int, nargs="+", default=[1, 2, 4, 8],
@@ -141,9 +145,10 @@ def add_shared_flags(parser):
     g.add_argument("--report_to", type=str, default="tensorboard", choices=tuple(TRACKERS),
                    help="Tracker for scalars and validation grids (accelerate's names; none = off).")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under output_dir.")
-    g.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
+    g.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune",
+                   help="Project name given to the trackers.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
-    g.add_argument("--hub_token", type=str, default=None)
+    g.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
     g.add_argument("--hub_model_id", type=str, default=None, help="Default: the output_dir's name.")
     g.add_argument("--dry_run", action="store_true",
                    help="Validate flags, paths and the first batch, print the resolved config, and exit.")
@@ -159,7 +164,7 @@ def parse_args(parser, argv=None, foreign=None):
         for arg in argv:
             if arg.split("=")[0] in foreign[0]:
                 raise ConfigError(f"{arg.split('=')[0]} {foreign[1]}")
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:

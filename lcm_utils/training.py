@@ -4,6 +4,7 @@ What differs between full distillation and LCM-LoRA lives in a `DistillationMeth
 """
 
 import argparse
+import glob
 import inspect
 import math
 import os
@@ -89,6 +90,8 @@ class DistillationMethod:
         """guidance_scale of the validation grid when --validation_guidance_scale is unset."""
         raise NotImplementedError
 
+    validation_guidance_text = ""  # that default, in words, for --help
+
 
 def in_dtype(dtype, z, cond):
     """(z, cond) with every floating tensor in `dtype`, the dtype of the UNet they go into. Under autocast this
@@ -100,17 +103,44 @@ def in_dtype(dtype, z, cond):
     return z.to(dtype), (cond.to(dtype) if cond.is_floating_point() else cond)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help with every flag's default after its description."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class FlagParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises ConfigError (one line) instead of printing the whole usage."""
+    """argparse, but a bad flag raises ConfigError (one line) instead of printing the whole usage; an unknown
+    flag gets the nearest real one, and abbreviations are refused (--learning is not --learning_rate)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=DefaultsFormatter, **kwargs)
 
     def error(self, message):
-        raise ConfigError(f"{message} (see --help)")
+        import difflib
+
+        hints = []
+        if message.startswith("unrecognized arguments:"):
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=")[0]
+                if flag.startswith("--"):
+                    near = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.6)
+                    near = near or [o for o in self._option_string_actions if o.startswith(flag) and len(flag) > 3][:1]
+                    hints += [f"did you mean {near[0]} for {flag}?"] if near else []
+        raise ConfigError(f"{message}{'; ' + ' '.join(hints) if hints else ''} (see --help)")
 
 
 def build_parser(method_cls, description):
     parser = FlagParser(description=description)
     add_shared_flags(parser)
     method_cls.add_flags(parser)
+    guidance = parser._option_string_actions["--validation_guidance_scale"]
+    guidance.help = f"guidance_scale of the validation grid (default: {method_cls.validation_guidance_text})."
     return parser
 
 
@@ -536,7 +566,7 @@ def finish(run, teacher, step):
         else:
             export_scheduler(teacher, args, args.output_dir)
             usage = run.method.export(args.output_dir)
-            write_model_card(args, usage, step)
+            write_model_card(args, usage, step, run.method, teacher.family)
             # Written last: an export cut short by a kill has no record, and the next run writes it again.
             ckpt.write_json(os.path.join(args.output_dir, EXPORT_STATE), {"step": step, "run_id": run.run_id})
             run.log(f"saved the distilled model (step {step}) to {args.output_dir}")
@@ -580,12 +610,28 @@ def vae_import(args):
     return "AutoencoderKL, " if args.pretrained_vae_model_name_or_path else ""
 
 
-def write_model_card(args, usage, step):
-    text = f"""# LCM-distilled model
+def write_model_card(args, usage, step, method, family):
+    """README.md with the Hub's model-card metadata (library, base model, tags, pipeline), the usage, and the
+    newest validation grid."""
+    import yaml
+
+    lora = "lora" in method.name.lower()
+    tags = ["lcm", "latent-consistency-distillation", "text-to-image",
+            "stable-diffusion-xl" if family.name == "SDXL" else "stable-diffusion"] + (["lora", "lcm-lora"] if lora else [])
+    metadata = {"library_name": "diffusers", "base_model": args.pretrained_teacher_model, "tags": tags,
+                "pipeline_tag": "text-to-image", "inference": True}
+    grids = sorted(glob.glob(os.path.join(args.output_dir, "validation", "step-*.png")))
+    grid = (f"\n![validation grid at step {int(os.path.basename(grids[-1])[5:-4])}: one row per prompt, one column "
+            f"per LCM step count](validation/{os.path.basename(grids[-1])})\n") if grids else ""
+    text = f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+
+# {"LCM-LoRA" if lora else "LCM-distilled"} {family.name} model
 
 Distilled from `{args.pretrained_teacher_model}` by latent consistency distillation for {step} steps
 (w ~ U[{args.w_min}, {args.w_max}], N = {args.num_ddim_timesteps} DDIM steps, {args.loss_type} loss).
-
+{grid}
 {usage}
 
 Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and

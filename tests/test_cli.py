@@ -208,3 +208,24 @@ def test_encode_batch_size_sets_the_vae_encode_batch_size(args, capsys):
     assert run_main(args + ["--encode_batch_size", "3", "--dry_run"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out.split("first batch")[0])
     assert resolved["vae_encode_batch_size"] == 3
+
+
+def test_help_shows_defaults_and_each_scripts_validation_guidance(capsys):
+    from lcm_utils.training import build_parser
+    from train_lcm_lora import LoraDistillation
+
+    full = " ".join(build_parser(FullDistillation, "x").format_help().split())
+    lora = " ".join(build_parser(LoraDistillation, "x").format_help().split())
+    assert "AdamW learning rate (after warm-up). (default: 0.0001)" in full
+    assert "--gradient_accumulation_steps GRADIENT_ACCUMULATION_STEPS Micro-batches per optimizer step. (default: 1)" \
+        in full
+    assert "(default: w_min + 1, so the student's w-embedding gets w_min)" in full
+    assert "(default: 1.0, no CFG, as LCM-LoRA samples)" in lora and "w_min + 1" not in lora.split("--report_to")[0] \
+        .split("--validation_guidance_scale")[-1]
+
+
+@pytest.mark.parametrize("typed, suggestion", [("--learning", "--learning_rate"), ("--learnin_rate", "--learning_rate"),
+                                               ("--resolutoin", "--resolution")])
+def test_abbreviations_are_refused_and_typos_get_the_nearest_flag(args, capsys, typed, suggestion):
+    err = error_of(args + [typed, "1"], capsys)
+    assert f"unrecognized arguments: {typed} 1; did you mean {suggestion} for {typed}?" in err

@@ -41,6 +41,11 @@ def test_outputs_and_model_card(eps_run, assets):
     assert "samples_s=" in result.stderr + result.stdout  # the progress bar reports throughput
     card = open(os.path.join(out, "README.md")).read()
     assert "unet/" in card and "guidance_scale = w + 1" in card
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
+    assert metadata["base_model"] == assets["teacher_eps"] and "lcm" in metadata["tags"]
+    assert f'from_pretrained("{assets["teacher_eps"]}"' in card and "guidance_scale=6" in card  # w_min + 1
+    assert "(validation/step-000003.png)" in card
     resolved = yaml.safe_load(open(os.path.join(out, "training_config.yaml")))
     assert resolved["num_ddim_timesteps"] == 25 and resolved["seed"] == 0
     # grid: one prompt row, one column per LCM step count (1 and 2)

@@ -92,7 +92,13 @@ def test_lora_outputs(lora_run, assets):
                  "checkpoint-3/lora.safetensors"):
         assert os.path.exists(os.path.join(out, path)), path
     assert not os.path.exists(os.path.join(out, "unet"))  # no full UNet is written
-    assert "load_lora_weights" in open(os.path.join(out, "README.md")).read()
+    card = open(os.path.join(out, "README.md")).read()
+    assert "load_lora_weights" in card
+    import yaml
+
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == assets["teacher_eps"] and {"lora", "lcm-lora"} <= set(metadata["tags"])
+    assert "# LCM-LoRA SD 1.x/2.x model" in card
     trained = load_file(os.path.join(out, "checkpoint-3", "lora.safetensors"))
     assert trained and all("lora_" in k for k in trained)  # only adapters are trained and saved
     assert all(v.dtype == torch.float32 for v in trained.values())
