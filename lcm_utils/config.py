@@ -352,9 +352,21 @@ def validate(args):
             raise ConfigError(f"--num_ddim_timesteps ({args.num_ddim_timesteps}) must divide the teacher's "
                               f"num_train_timesteps ({T}); try 50")
     if vae_cfg is not None:
-        factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
-        if args.resolution % factor:
-            raise ConfigError(f"--resolution ({args.resolution}) must be divisible by the VAE factor {factor}")
+        check_resolution(args, vae_cfg, read_json(args.pretrained_teacher_model, "unet", "config.json"))
+
+
+def check_resolution(args, vae_cfg, unet_cfg):
+    """The training size must give whole latents that the UNet can halve at each level, and the stock pipelines
+    (validation, users) accept only multiples of 8; one rule, so training never stops at the first validation."""
+    import math
+
+    vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    unet_factor = 2 ** (len(unet_cfg.get("block_out_channels", [0])) - 1)
+    need = math.lcm(8, vae_factor * unet_factor)
+    if args.resolution % need:
+        near = max(need, round(args.resolution / need) * need)
+        raise ConfigError(f"--resolution ({args.resolution}) must be a multiple of {need}: 8 for the pipelines, "
+                          f"{vae_factor} (VAE factor) x {unet_factor} (UNet downsampling) for the latents; try {near}")
 
 
 def check_precision(args):

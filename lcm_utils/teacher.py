@@ -4,6 +4,8 @@ Paths and ids are passed through to `from_pretrained` unchanged, so a local fold
 the same model would from the Hub.
 """
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +43,23 @@ def pipeline_settings(path, src):
 
 
 def teacher_family(args):
-    """The teacher's family class (SD or SDXL), from its UNet config alone (no weights)."""
+    """The teacher's family class (SD or SDXL), from its UNet config alone (no weights); for a Hub id this is the
+    first thing fetched, so a wrong id or path fails here, in one line, before anything heavy."""
     from diffusers import UNet2DConditionModel
 
+    from .config import ConfigError
+
     src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
-    return family_of(UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet", **src))
+    name = args.pretrained_teacher_model
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about its own arguments
+            warnings.simplefilter("ignore", UserWarning)
+            config = UNet2DConditionModel.load_config(name, subfolder="unet", **src)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--pretrained_teacher_model: '{name}' is not a folder here ({os.getcwd()}) and could not "
+                          f"be loaded as a Hub model ({reason}); pass the teacher folder's path or a Hub id") from None
+    return family_of(config)
 
 
 def load_teacher(args, device, weight_dtype):

@@ -184,11 +184,8 @@ def main(method_cls, description, argv=None):
 def dry_run(args):
     """Print the resolved config and the first batch's shapes; load no model weights."""
     print(config_text(args))
-    try:
-        family = teacher_family(args)
-    except Exception:  # a Hub id that cannot be reached now: read sizes, the stricter choice
-        family = None
-    stream = TrainStream(data_spec(args, args.seed or 0, family))
+    # Reads the teacher's UNet config (fetched for a Hub id): a wrong id fails here, as the real run would.
+    stream = TrainStream(data_spec(args, args.seed or 0, teacher_family(args)))
     batch = next(iter(stream))
     print(f"first batch: pixel_values {tuple(batch['pixel_values'].shape)}, captions {batch['captions'][:2]}, "
           f"skipped so far {stream.skipped}")

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 . scripts/setup_venv.sh requirements.txt
 export HF_HUB_OFFLINE=1
 [ -e demo-output/shapes/train-00007.tar ] || .venv/bin/python -m lcm_utils.shapes demo-output/shapes
-.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+# -q and every launcher value given: a mistake in a flag reads as the script's one error line, nothing more.
+.venv/bin/accelerate launch -q --cpu --num_processes 1 --num_machines 1 --num_cpu_threads_per_process 2 \
+  --mixed_precision no --dynamo_backend no \
   train_lcm_distill.py --config configs/demo.yaml "$@"
 .venv/bin/python scripts/compare.py --teacher assets/shapes-teacher --model demo-output/lcm \
   --out demo-output/comparison.png

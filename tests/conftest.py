@@ -45,19 +45,21 @@ def script_env(env=None):
     return full_env
 
 
-def launch_command(script, args, num_processes=1):
+def launch_command(script, args, num_processes=1, quiet=False):
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    if quiet:  # as scripts/demo.sh launches: only the script's own error line on a failure
+        mode += ["-q", "--num_cpu_threads_per_process", "1"]
     return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             os.path.join(ROOT, script), *map(str, args)]
 
 
-def launch(script, args, num_processes=1, timeout=300, env=None):
+def launch(script, args, num_processes=1, timeout=300, env=None, quiet=False):
     """Run a training script through `accelerate launch` on CPU, as a user would; returns CompletedProcess.
 
     Several CPU processes need `--multi_gpu` with ACCELERATE_USE_CPU=1: `--cpu --num_processes 2` silently
     starts a single process (accelerate 1.x's simple launcher)."""
-    return subprocess.run(launch_command(script, args, num_processes), cwd=ROOT, env=script_env(env),
+    return subprocess.run(launch_command(script, args, num_processes, quiet), cwd=ROOT, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

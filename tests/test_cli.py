@@ -46,7 +46,9 @@ def with_flags(argv, **flags):
     (dict(pretrained_teacher_model="./no/such/teacher"), "--pretrained_teacher_model: folder './no/such/teacher' does not exist"),
     (dict(w_min=9, w_max=3), "--w_min"),
     (dict(num_ddim_timesteps=30), "--num_ddim_timesteps (30) must divide"),
-    (dict(resolution=15), "--resolution (15) must be divisible by the VAE factor 2"),
+    (dict(resolution=15), "--resolution (15) must be a multiple of 8: 8 for the pipelines, 2 (VAE factor) x 2 "
+                          "(UNet downsampling) for the latents; try 16"),
+    (dict(resolution=28), "--resolution (28) must be a multiple of 8"),
     (dict(max_train_steps=0), "--max_train_steps must be a positive integer"),
     (dict(train_batch_size=-1), "--train_batch_size must be > 0"),
     (dict(resume_from_checkpoint="checkpoint-7"), "--resume_from_checkpoint: 'checkpoint-7' does not exist"),
@@ -229,3 +231,27 @@ def test_help_shows_defaults_and_each_scripts_validation_guidance(capsys):
 def test_abbreviations_are_refused_and_typos_get_the_nearest_flag(args, capsys, typed, suggestion):
     err = error_of(args + [typed, "1"], capsys)
     assert f"unrecognized arguments: {typed} 1; did you mean {suggestion} for {typed}?" in err
+
+
+def test_a_relative_teacher_path_from_another_folder_is_one_line(args, tmp_path, monkeypatch, capsys):
+    """'assets/shapes-teacher' from a folder where it does not exist looks like a Hub id; offline (as in CI) it
+    cannot be fetched: the dry run says so in one line, naming the folder it looked in."""
+    monkeypatch.chdir(tmp_path)
+    err = error_of(with_flags(args, pretrained_teacher_model="assets/shapes-teacher") + ["--dry_run"], capsys)
+    assert err.startswith(f"error: --pretrained_teacher_model: 'assets/shapes-teacher' is not a folder here "
+                          f"({tmp_path}) and could not be loaded as a Hub model")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(w_min=9, w_max=3), "error: --w_min (9.0) must be >= 0 and <= --w_max (3.0)"),
+    (dict(resolution=30), "error: --resolution (30) must be a multiple of 8"),
+])
+def test_under_the_quiet_launcher_a_user_error_is_one_line_and_status_1(args, flags, expected):
+    """accelerate launch -q (how scripts/demo.sh runs): the script's one line, nothing else; accelerate turns the
+    script's status 2 into 1, as the README says."""
+    from conftest import launch
+
+    result = launch("train_lcm_distill.py", with_flags(args, **flags), quiet=True)
+    assert result.returncode == 1
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
