@@ -150,6 +150,8 @@ def add_shared_flags(parser):
     g.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
     g.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
     g.add_argument("--hub_model_id", type=str, default=None, help="Default: the output_dir's name.")
+    g.add_argument("--verbose", action="store_true",
+                   help="Print the full resolved configuration and the libraries' warnings at start.")
     g.add_argument("--dry_run", action="store_true",
                    help="Validate flags, paths and the first batch, print the resolved config, and exit.")
     return parser

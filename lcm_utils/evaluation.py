@@ -97,6 +97,53 @@ def decode_to_array(pipe, latents):
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def label_font(size):
+    """PIL's built-in font at `size` px (Pillow >= 10.1), else its small fixed bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def labelled_grid(images, row_labels, column_labels, min_cell=128):
+    """images: rows of equal-size [H, W, 3] uint8 arrays -> one PIL image with the column labels (e.g. "4 steps,
+    g 6", written on two lines at the comma) on top and the row labels (prompts, wrapped) on the left, black on
+    white. Images narrower than `min_cell` are enlarged (nearest neighbour) so that the labels fit and read."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    h, w = images[0][0].shape[:2]
+    scale = max(1, -(-min_cell // w))
+    h, w = h * scale, w * scale
+    size = max(10, min(28, w // 10))
+    font = label_font(size)
+    line = size + size // 3
+    margin = size // 2
+    wrapped = [textwrap.wrap(label, 24)[: max(1, h // line)] or [""] for label in row_labels]
+    headers = [label.split(", ") for label in column_labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = int(max((measure.textlength(text, font=font) for lines in wrapped for text in lines), default=0))
+    left += 2 * margin
+    top = line * max(len(lines) for lines in headers) + 2 * margin
+    canvas = Image.new("RGB", (left + w * len(images[0]), top + h * len(images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, lines in enumerate(headers):
+        for k, text in enumerate(lines):
+            draw.text((left + j * w + margin, margin + k * line), text, fill="black", font=font)
+    for i, (row, lines) in enumerate(zip(images, wrapped)):
+        for k, text in enumerate(lines):
+            draw.text((margin, top + i * h + margin + k * line), text, fill="black", font=font)
+        for j, image in enumerate(row):
+            picture = Image.fromarray(image)
+            if scale > 1:
+                picture = picture.resize((w, h), Image.NEAREST)
+            canvas.paste(picture, (left + j * w, top + i * h))
+    return canvas
+
+
 def to_pixels(images):
     """PIL images -> [N, 3, H, W] float in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0

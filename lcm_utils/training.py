@@ -21,7 +21,7 @@ from .config import ConfigError, add_shared_flags, config_text, parse_args, save
 from .data import DataError, DataSpec, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
 from .safety import NonFiniteGuard, StopSignals, TrainingError, agree, parse_stop_signals, resume_command
-from .evaluation import decode_to_array
+from .evaluation import decode_to_array, labelled_grid
 from .teacher import encode_images, load_teacher, teacher_family
 
 DEFAULT_VALIDATION_PROMPTS = [
@@ -232,6 +232,8 @@ class Run:
 
 
 def train(args, method):
+    if not args.verbose:
+        quiet_libraries()
     run = Run(args, method)
     # Installed first: a signal during the (long) model loading is honoured at the first step boundary.
     stop = StopSignals(parse_stop_signals(args.stop_signals), log=run.log)
@@ -273,7 +275,8 @@ def train_loop(run, stop):
     global_step = resume(run, optimizer, lr_scheduler, stream, generator)
     saved_step = global_step if global_step else None  # the step of the newest complete checkpoint
     if acc.is_main_process:
-        run.log(save_resolved_config(args, args.output_dir))
+        text = save_resolved_config(args, args.output_dir)
+        run.log(text if args.verbose else summary(args, teacher, acc))
         acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
     if global_step >= max_train_steps:
         run.log(f"the checkpoint is at step {global_step}, --max_train_steps is {max_train_steps}: nothing to train")
@@ -288,9 +291,7 @@ def train_loop(run, stop):
             save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator)
             saved_step = step
 
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not acc.is_main_process, desc="steps")
+    progress = Progress(max_train_steps, global_step, acc.is_main_process)
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     window_finite = torch.ones((), dtype=torch.bool, device=device)  # every loss of this accumulation window
@@ -333,9 +334,7 @@ def train_loop(run, stop):
                     "train/samples_per_s": samples_per_step / max(now - step_start, 1e-9)}
             if global_step % SKIP_LOG_EVERY == 0 or global_step == max_train_steps:
                 logs.update(gather_skip_counts(acc, stream))
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}",
-                                 samples_s=f"{logs['train/samples_per_s']:.1f}")
+            progress.step(global_step, logs["train/loss"], logs["train/lr"], logs["train/samples_per_s"])
             acc.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
                 checkpoint(global_step)
@@ -355,6 +354,57 @@ def train_loop(run, stop):
     checkpoint(global_step)  # the last step is always resumable, so a run can be extended
     finish(run, teacher, global_step)
     return 0
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every 1/20 of the run (at
+    least 10 steps apart) and at its last step."""
+
+    def __init__(self, total, initial, enabled):
+        from tqdm.auto import tqdm
+
+        self.total, self.enabled = total, enabled
+        self.every = max(10, total // 20)
+        self.bar = tqdm(total=total, initial=initial, desc="steps") if enabled and sys.stderr.isatty() else None
+
+    def step(self, step, loss, lr, samples_per_s):
+        status = f"loss={loss:.4g} lr={lr:.2e} samples_s={samples_per_s:.1f}"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(status)
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            print(f"step {step}/{self.total}: {status}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary(args, teacher, acc):
+    """The run in a few lines; the full configuration is in training_config.yaml (and printed with --verbose)."""
+    data = args.train_shards_path_or_url or args.train_data_dir or args.dataset_name
+    precision = acc.mixed_precision if acc.mixed_precision != "no" else "fp32"
+    return (f"teacher:   {args.pretrained_teacher_model} ({teacher.family.name}, {teacher.prediction_type})\n"
+            f"data:      {data}\n"
+            f"batch:     {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
+            f"{acc.num_processes} process(es), {args.resolution} px, {precision} on {acc.device.type}\n"
+            f"output:    {args.output_dir} (every flag in training_config.yaml)")
+
+
+def quiet_libraries():
+    """Keep library chatter (diffusers' float32-module notes, deprecations) out of a run's output; --verbose keeps it."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # "Loading weights" bars of every component
+    transformers_logging.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module="huggingface_hub")
 
 
 def resolve_max_train_steps(args, stream, num_processes):
@@ -504,7 +554,8 @@ def run_validation(run, teacher, step):
             guidance = run.method.default_validation_guidance(args)
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp:
             pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device)
-            rows = []
+            rows, columns = [], [f"{n} step{'s' if n > 1 else ''}, g {guidance:g}"
+                                 for n in args.validation_inference_steps]
             for i, prompt in enumerate(prompts):
                 row = []
                 for steps in args.validation_inference_steps:
@@ -517,10 +568,10 @@ def run_validation(run, teacher, step):
                                        height=args.resolution, width=args.resolution, generator=gen,
                                        output_type="latent").images
                     # Decoded outside autocast, in the VAE's own dtype: SDXL's VAE overflows in fp16.
-                    row.append(decode_to_array(pipe, latents)[0])
-                rows.append(np.concatenate(row, axis=1))
+                    row.append((decode_to_array(pipe, latents)[0] * 255).round().astype(np.uint8))
+                rows.append(row)
             del pipe
-        grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+        grid = np.asarray(labelled_grid(rows, prompts, columns))
         save_grid(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
         log_grid(acc, grid, step)
     acc.wait_for_everyone()

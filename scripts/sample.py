@@ -1,34 +1,97 @@
 #!/usr/bin/env python
-"""Sample from a distilled model with a stock diffusers pipeline and the exported LCMScheduler."""
+"""Sample a distilled model (full or LoRA, SD or SDXL) with a stock diffusers pipeline and its exported
+LCMScheduler, as a labelled grid: one row per prompt, one column per (steps, guidance_scale).
+
+    python scripts/sample.py --model lcm-sd15 --prompt "a photo of a cat" --steps 1 2 4 8
+    python scripts/sample.py --model lcm-lora-sdxl --steps 4 --guidance_scale 1.0 1.5 --out grid.png
+
+The teacher (and a VAE the run used instead of its own) come from the output's training_config.yaml unless
+--teacher / --vae say otherwise. A full student takes the guidance as input (guidance_scale = w + 1, no CFG pass);
+a LoRA is applied with load_lora_weights and samples with real CFG only when guidance_scale > 1.
+"""
 
 import argparse
+import os
+import sys
 
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lcm_utils.evaluation import decode_to_array, labelled_grid  # noqa: E402
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_pipeline(args):
+    """The teacher's own pipeline class (from its model_index.json) with the student and the LCMScheduler."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+
+    config_path = os.path.join(args.model, "training_config.yaml")
+    trained = yaml.safe_load(open(config_path)) if os.path.isfile(config_path) else {}
+    teacher = args.teacher or trained.get("pretrained_teacher_model")
+    if not teacher:
+        fail(f"--teacher: '{args.model}' has no training_config.yaml naming its teacher; pass --teacher")
+    is_full = os.path.isdir(os.path.join(args.model, "unet"))
+    if not is_full and not os.path.isfile(os.path.join(args.model, LORA_FILE)):
+        fail(f"--model: '{args.model}' holds neither unet/ (full distillation) nor {LORA_FILE} (LCM-LoRA)")
+    parts = {"scheduler": LCMScheduler.from_pretrained(args.model, subfolder="scheduler")}
+    if is_full:
+        parts["unet"] = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+    vae = args.vae or trained.get("pretrained_vae_model_name_or_path")
+    if vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(vae)
+    index = DiffusionPipeline.load_config(teacher)
+    if "safety_checker" in index:  # SD pipelines only
+        parts.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(teacher, **parts)
+    if not is_full:
+        pipe.load_lora_weights(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device), is_full
+
+
+@torch.no_grad()
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--teacher", required=True, help="The teacher the model was distilled from (folder or id).")
-    parser.add_argument("--model", required=True, help="The training output_dir.")
-    parser.add_argument("--prompt", default="a photo of a cat")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance_scale", type=float, default=8.5, help="w + 1 in the LCM paper's terms.")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="sample.png")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--model", required=True, help="A training output_dir (full or LoRA).")
+    parser.add_argument("--teacher", default=None, help="Default: the teacher in training_config.yaml.")
+    parser.add_argument("--vae", default=None, help="Default: the VAE in training_config.yaml, if the run had one.")
+    parser.add_argument("--prompt", nargs="+", default=["a photo of a cat"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="LCM step counts (columns).")
+    parser.add_argument("--guidance_scale", type=float, nargs="+", default=None,
+                        help="guidance_scale values (columns); default: w_min + 1 for a full student, 1.0 for LoRA.")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the training resolution.")
+    parser.add_argument("--seed", type=int, default=0, help="Row i samples from seed + i in every column.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="samples.png")
     args = parser.parse_args()
+    if not os.path.isdir(args.model):
+        fail(f"--model: folder '{args.model}' does not exist")
 
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
-    scheduler = LCMScheduler.from_pretrained(args.model, subfolder="scheduler")
-    pipe = StableDiffusionPipeline.from_pretrained(args.teacher, unet=unet, scheduler=scheduler, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=size,
-                 width=size, generator=torch.Generator().manual_seed(args.seed)).images[0]
-    image.save(args.out)
-    print(f"saved {args.out} ({args.steps} LCM steps, guidance_scale {args.guidance_scale})")
+    pipe, is_full = load_pipeline(args)
+    trained = yaml.safe_load(open(os.path.join(args.model, "training_config.yaml"))) \
+        if os.path.isfile(os.path.join(args.model, "training_config.yaml")) else {}
+    guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
+    size = args.resolution or trained.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    columns = [(steps, g) for g in guidances for steps in args.steps]
+    rows = []
+    for i, prompt in enumerate(args.prompt):
+        row = []
+        for steps, guidance in columns:
+            latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                           generator=torch.Generator().manual_seed(args.seed + i), output_type="latent").images
+            row.append((decode_to_array(pipe, latents)[0] * 255).round().astype("uint8"))
+        rows.append(row)
+    labels = [f"{steps} step{'s' if steps > 1 else ''}, g {g:g}" for steps, g in columns]
+    labelled_grid(rows, args.prompt, labels).save(args.out)
+    print(f"saved {args.out}: {len(args.prompt)} prompt(s) x {len(columns)} (steps, guidance_scale) column(s), "
+          f"{'full student' if is_full else 'LoRA'} on {type(pipe).__name__}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_seed_is_drawn_recorded_and_kept_on_resume(assets, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd15_lcm.yaml", "sd21_768_lcm.yaml", "sd15_lcm_lora.yaml", "demo.yaml",
-                                  "sdxl_lcm.yaml", "sdxl_lcm_lora.yaml"])
+                                  "demo-lora.yaml", "sdxl_lcm.yaml", "sdxl_lcm_lora.yaml"])
 def test_shipped_presets_parse(name):
     """Every key of the presets is a flag of the script it is for, with a valid value."""
     from lcm_utils.config import parse_args

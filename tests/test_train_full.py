@@ -51,7 +51,12 @@ def test_outputs_and_model_card(eps_run, assets):
     # grid: one prompt row, one column per LCM step count (1 and 2)
     from PIL import Image
 
-    assert Image.open(os.path.join(out, "validation/step-000003.png")).size == (2 * RESOLUTION, RESOLUTION)
+    grid = np.asarray(Image.open(os.path.join(out, "validation/step-000003.png")))
+    height, width = grid.shape[:2]
+    assert width > 2 * RESOLUTION and height > RESOLUTION  # room for the labels
+    samples = grid[height - RESOLUTION:, width - 2 * RESOLUTION:]
+    assert samples.std() > 0  # the two samples sit bottom right...
+    assert (grid[: height - RESOLUTION] < 128).any() and (grid[:, : width - 2 * RESOLUTION] < 128).any()  # ...labelled
     assert any(name.startswith("events") for _, _, files in os.walk(os.path.join(out, "logs")) for name in files)
 
 
@@ -188,3 +193,22 @@ def test_resume_from_shards_is_exact(assets, tmp_path):
     assert any(s is not None for s in state["shard_states"])
     for sub in ("unet", "unet_target"):
         assert max_diff(weights(os.path.join(straight, sub)), weights(os.path.join(resumed, sub))) == 0.0
+
+
+def test_sample_script_draws_a_labelled_grid_from_the_full_output(eps_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    out, _ = eps_run
+    png = str(tmp_path / "grid.png")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--model", out, "--prompt",
+                             "a red square", "a blue circle", "--steps", "1", "2", "--guidance_scale", "2", "6",
+                             "--out", png], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 prompt(s) x 4 (steps, guidance_scale) column(s), full student on StableDiffusionPipeline" in result.stdout
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width > 4 * RESOLUTION and height > 2 * RESOLUTION

@@ -199,3 +199,18 @@ def test_yaml_list_of_target_modules(assets, tmp_path):
     args = parse_args(build_parser(LoraDistillation, "x"), ["--config", str(cfg)])
     assert args.lora_target_modules == "to_q,to_k,ff.net.2"
     assert LoraDistillation.target_modules(args) == ["to_q", "to_k", "ff.net.2"]
+
+
+def test_sample_script_draws_a_labelled_grid_from_the_lora_output(lora_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    png = str(tmp_path / "grid.png")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--model", lora_run,
+                             "--steps", "1", "4", "--out", png], cwd=ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 prompt(s) x 2 (steps, guidance_scale) column(s), LoRA on StableDiffusionPipeline" in result.stdout
+    assert os.path.isfile(png)
