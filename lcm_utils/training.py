@@ -591,13 +591,29 @@ def save_grid(grid, path):
 
 
 def log_grid(acc, grid, step):
+    """The validation grid [H, W, 3] uint8 to every tracker that takes images. tensorboard and wandb are tested;
+    the others follow accelerate's and their own APIs, and a failure there is a warning, not a stopped run."""
     for tracker in acc.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
+        try:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
 
-            tracker.log({"validation": wandb.Image(grid)}, step=step)
+                tracker.log({"validation": wandb.Image(grid)}, step=step)
+            elif tracker.name == "aim":
+                tracker.log_images({"validation": grid}, step=step)
+            elif tracker.name in ("clearml", "swanlab"):
+                tracker.log_images({"validation": [grid]}, step=step)
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.log_image(grid, f"validation/step-{step:06d}.png")
+            elif tracker.name == "comet_ml":
+                tracker.tracker.log_image(grid, name="validation", step=step)
+        except Exception as e:  # an optional tracker's API drift must not end a long run
+            print(f"warning: the validation grid was not logged to {tracker.name} ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
 
 def finish(run, teacher, step):

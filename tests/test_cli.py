@@ -255,3 +255,27 @@ def test_under_the_quiet_launcher_a_user_error_is_one_line_and_status_1(args, fl
     assert result.returncode == 1
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_validation_grids_reach_image_trackers_and_a_failing_one_only_warns(capsys):
+    import numpy as np
+
+    from lcm_utils.training import log_grid
+
+    calls = []
+
+    class Images:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def log_images(self, values, step=None):
+            if self.fail:
+                raise RuntimeError("server gone")
+            calls.append((self.name, type(values["validation"]).__name__, step))
+
+    class Accelerator:
+        trackers = [Images("aim"), Images("clearml"), Images("swanlab", fail=True)]
+
+    log_grid(Accelerator(), np.zeros((8, 8, 3), dtype=np.uint8), 7)
+    assert calls == [("aim", "ndarray", 7), ("clearml", "list", 7)]
+    assert "warning: the validation grid was not logged to swanlab (RuntimeError: server gone)" in capsys.readouterr().err
