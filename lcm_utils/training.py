@@ -174,11 +174,17 @@ def main(method_cls, description, argv=None):
             return dry_run(args)
         return train(args, method)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(2)
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(1)
+
+
+def report(error):
+    """The one error line, from the first process only: every rank finds the same mistake, one line says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 def dry_run(args):

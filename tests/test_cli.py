@@ -279,3 +279,12 @@ def test_validation_grids_reach_image_trackers_and_a_failing_one_only_warns(caps
     log_grid(Accelerator(), np.zeros((8, 8, 3), dtype=np.uint8), 7)
     assert calls == [("aim", "ndarray", 7), ("clearml", "list", 7)]
     assert "warning: the validation grid was not logged to swanlab (RuntimeError: server gone)" in capsys.readouterr().err
+
+
+def test_on_several_processes_a_user_error_is_said_once(args):
+    from conftest import launch
+
+    result = launch("train_lcm_distill.py", with_flags(args, w_min=9, w_max=3), num_processes=2)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("error: --w_min (9.0) must be >= 0 and <= --w_max (3.0)") == 1, output[-3000:]
