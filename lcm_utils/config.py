@@ -354,21 +354,21 @@ def validate(args):
             raise ConfigError(f"--num_ddim_timesteps ({args.num_ddim_timesteps}) must divide the teacher's "
                               f"num_train_timesteps ({T}); try 50")
     if vae_cfg is not None:
-        check_resolution(args, vae_cfg, read_json(args.pretrained_teacher_model, "unet", "config.json"))
+        check_resolution(args, vae_cfg)
 
 
-def check_resolution(args, vae_cfg, unet_cfg):
-    """The training size must give whole latents that the UNet can halve at each level, and the stock pipelines
-    (validation, users) accept only multiples of 8; one rule, so training never stops at the first validation."""
+def check_resolution(args, vae_cfg):
+    """The training size must give whole latents (a multiple of the VAE factor; the UNet pads odd sizes itself), and
+    the stock pipelines (validation, users) accept only multiples of 8: one rule, so that training never stops at
+    its first validation."""
     import math
 
     vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
-    unet_factor = 2 ** (len(unet_cfg.get("block_out_channels", [0])) - 1)
-    need = math.lcm(8, vae_factor * unet_factor)
+    need = math.lcm(8, vae_factor)
     if args.resolution % need:
         near = max(need, round(args.resolution / need) * need)
-        raise ConfigError(f"--resolution ({args.resolution}) must be a multiple of {need}: 8 for the pipelines, "
-                          f"{vae_factor} (VAE factor) x {unet_factor} (UNet downsampling) for the latents; try {near}")
+        raise ConfigError(f"--resolution ({args.resolution}) must be a multiple of {need} (8 for the pipelines, "
+                          f"{vae_factor} for the VAE's latents); try {near}")
 
 
 def check_precision(args):

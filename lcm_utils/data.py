@@ -100,6 +100,10 @@ class DataError(ValueError):
     """A data problem the user can fix; the message names the flag or file and the fix."""
 
 
+class ReaderError(DataError):
+    """A DataError one rank's reader found (its share is empty or all bad): only that rank knows it."""
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -1189,6 +1193,8 @@ class TrainStream:
         for state in states:  # each rank keeps the plans of the epochs its own readers may still be in
             old_plans.update(state.get("plans") or {})
         first, last = min(r["epoch"] for r in readers), max(r["epoch"] for r in readers)
+        # An earlier switch may have split an epoch that none of these readers has reached yet: keep splitting it.
+        last = max([last] + [int(epoch) for epoch in old_plans])
         self.seed = seed
         self._plans = {str(epoch): self._source.elastic_plan(seed, epoch, readers, old_readers,
                                                                old_plans.get(str(epoch)))
@@ -1229,7 +1235,7 @@ class TrainStream:
         """Batches without end; a second iteration continues where the first stopped."""
         for batch in self._loader():
             if "_error" in batch:
-                raise DataError(batch["_error"])
+                raise ReaderError(batch["_error"])
             meta = batch.pop("_meta")
             worker = meta["worker"]
             self._positions[worker] = [meta["epoch"], meta["emitted"]]

@@ -10,10 +10,14 @@ second signal stops at once; the checkpoints on disk are complete or absent, nev
 import os
 import signal
 import sys
+import time
 
 import torch
 
 DEFAULT_STOP_SIGNALS = "SIGINT,SIGTERM,SIGUSR1"
+# A launcher that got the signal too (torchrun, a whole process group, a cgroup kill) passes it on: the same
+# signal again this soon is that copy, not a second request.
+REPEAT_WINDOW_S = 0.5
 
 
 class TrainingError(RuntimeError):
@@ -37,19 +41,25 @@ class StopSignals:
     """Installs handlers for the given signals; `.received` is the first one caught (None until then)."""
 
     def __init__(self, signals, log=print):
-        self.received = None
+        self.received, self.when = None, 0.0
         self.log = log
         self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.received is not None:
-            # Checkpoints are written to a partial folder and renamed when complete, so stopping mid-save is safe.
-            print(f"{name} again: stopping now without a new checkpoint (the last complete one is intact)",
-                  file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received = signum
-        self.log(f"{name} received: finishing this step and writing a checkpoint ({name} again stops at once)")
+            if signum == self.received and now - self.when < REPEAT_WINDOW_S:
+                return  # the launcher's copy of the same signal
+            if signum == signal.SIGINT:  # a second Ctrl-C: the user wants out now
+                # Checkpoints are written to a partial folder and renamed when complete: stopping mid-save is safe.
+                print(f"{name} again: stopping now without a new checkpoint (the last complete one is intact)",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self.log(f"{name} received while stopping: the checkpoint of this step is on its way")
+            return
+        self.received, self.when = signum, now
+        self.log(f"{name} received: finishing this step and writing a checkpoint (Ctrl-C again stops at once)")
 
     def restore(self):
         for sig, handler in self.previous.items():

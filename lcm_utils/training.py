@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
-from .data import DataError, DataSpec, TrainStream, check_data_spec
+from .config import HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
+from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
 from .safety import NonFiniteGuard, StopSignals, TrainingError, agree, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid
@@ -129,8 +129,9 @@ class FlagParser(argparse.ArgumentParser):
             for word in message.split(":", 1)[1].split():
                 flag = word.split("=")[0]
                 if flag.startswith("--"):
-                    near = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.6)
-                    near = near or [o for o in self._option_string_actions if o.startswith(flag) and len(flag) > 3][:1]
+                    flags = [o for o in self._option_string_actions if o not in ("-h", "--help")]
+                    near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+                    near = near or [o for o in flags if o.startswith(flag) and len(flag) > 3][:1]
                     hints += [f"did you mean {near[0]} for {flag}?"] if near else []
         raise ConfigError(f"{message}{'; ' + ' '.join(hints) if hints else ''} (see --help)")
 
@@ -173,6 +174,9 @@ def main(method_cls, description, argv=None):
         if args.dry_run:
             return dry_run(args)
         return train(args, method)
+    except ReaderError as e:
+        report(e, every_rank=True)
+        sys.exit(2)
     except (ConfigError, DataError, FileNotFoundError) as e:
         report(e)
         sys.exit(2)
@@ -181,9 +185,13 @@ def main(method_cls, description, argv=None):
         sys.exit(1)
 
 
-def report(error):
-    """The one error line, from the first process only: every rank finds the same mistake, one line says it."""
-    if os.environ.get("RANK", "0") == "0":
+def report(error, every_rank=False):
+    """The one error line. A mistake every rank finds is said by the first process only; what only one rank's
+    data reader found is said by that rank, named."""
+    rank = os.environ.get("RANK", "0")
+    if every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"error: [rank {rank}] {error}", file=sys.stderr, flush=True)
+    elif rank == "0":
         print(f"error: {error}", file=sys.stderr, flush=True)
 
 
@@ -625,26 +633,31 @@ def log_grid(acc, grid, step):
 def finish(run, teacher, step):
     """Export the weights of `step` (scheduler, weights, model card, then exported.json), unless output_dir already
     holds this run's export of this step or a later one: a rerun past the end leaves the export untouched, and
-    older weights never replace newer ones. A new run (no resume) in the same folder exports its own."""
+    older weights never replace newer ones. A new run (no resume) in the same folder exports its own. With
+    --push_to_hub the upload is recorded too, so a rerun retries one that failed."""
     acc, args = run.accelerator, run.args
     acc.wait_for_everyone()
     if acc.is_main_process:
+        record = os.path.join(args.output_dir, EXPORT_STATE)
         previous = read_export_state(args.output_dir)
         if previous.get("run_id") == run.run_id and previous.get("step", -1) >= step:
             run.log(f"{args.output_dir} already holds this run's export of step {previous['step']}; left as it is "
                     f"(delete {EXPORT_STATE} there to export step {step} again)")
+            state = previous
         else:
             export_scheduler(teacher, args, args.output_dir)
             usage = run.method.export(args.output_dir)
             write_model_card(args, usage, step, run.method, teacher.family)
             # Written last: an export cut short by a kill has no record, and the next run writes it again.
-            ckpt.write_json(os.path.join(args.output_dir, EXPORT_STATE), {"step": step, "run_id": run.run_id})
+            state = {"step": step, "run_id": run.run_id, "uploaded": False}
+            ckpt.write_json(record, state)
             run.log(f"saved the distilled model (step {step}) to {args.output_dir}")
-            if run.repo_id:
-                from huggingface_hub import upload_folder
+        if run.repo_id and not state.get("uploaded"):
+            from huggingface_hub import upload_folder
 
-                upload_folder(repo_id=run.repo_id, folder_path=args.output_dir, token=args.hub_token,
-                              ignore_patterns=["checkpoint-*", "*.partial", "logs/*"])
+            upload_folder(repo_id=run.repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          ignore_patterns=["checkpoint-*", "*.partial", "logs/*"])
+            ckpt.write_json(record, dict(state, uploaded=True))
     acc.end_training()
 
 
@@ -688,8 +701,9 @@ def write_model_card(args, usage, step, method, family):
     lora = "lora" in method.name.lower()
     tags = ["lcm", "latent-consistency-distillation", "text-to-image",
             "stable-diffusion-xl" if family.name == "SDXL" else "stable-diffusion"] + (["lora", "lcm-lora"] if lora else [])
-    metadata = {"library_name": "diffusers", "base_model": args.pretrained_teacher_model, "tags": tags,
-                "pipeline_tag": "text-to-image", "inference": True}
+    metadata = {"library_name": "diffusers", "tags": tags, "pipeline_tag": "text-to-image", "inference": True}
+    if HUB_ID.match(args.pretrained_teacher_model) and not os.path.isdir(args.pretrained_teacher_model):
+        metadata["base_model"] = args.pretrained_teacher_model  # the Hub wants an id here, never a local path
     grids = sorted(glob.glob(os.path.join(args.output_dir, "validation", "step-*.png")))
     grid = (f"\n![validation grid at step {int(os.path.basename(grids[-1])[5:-4])}: one row per prompt, one column "
             f"per LCM step count](validation/{os.path.basename(grids[-1])})\n") if grids else ""

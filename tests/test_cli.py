@@ -46,8 +46,8 @@ def with_flags(argv, **flags):
     (dict(pretrained_teacher_model="./no/such/teacher"), "--pretrained_teacher_model: folder './no/such/teacher' does not exist"),
     (dict(w_min=9, w_max=3), "--w_min"),
     (dict(num_ddim_timesteps=30), "--num_ddim_timesteps (30) must divide"),
-    (dict(resolution=15), "--resolution (15) must be a multiple of 8: 8 for the pipelines, 2 (VAE factor) x 2 "
-                          "(UNet downsampling) for the latents; try 16"),
+    (dict(resolution=15), "--resolution (15) must be a multiple of 8 (8 for the pipelines, 2 for the VAE's "
+                          "latents); try 16"),
     (dict(resolution=28), "--resolution (28) must be a multiple of 8"),
     (dict(max_train_steps=0), "--max_train_steps must be a positive integer"),
     (dict(train_batch_size=-1), "--train_batch_size must be > 0"),
@@ -288,3 +288,30 @@ def test_on_several_processes_a_user_error_is_said_once(args):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("error: --w_min (9.0) must be >= 0 and <= --w_max (3.0)") == 1, output[-3000:]
+
+
+def test_on_several_processes_what_one_rank_found_is_said_by_that_rank(args, tmp_path):
+    """One image for two processes: rank 1's reader has nothing to read, and rank 1 says so."""
+    from conftest import launch
+    from test_data import write_folder
+
+    write_folder(tmp_path / "one", 1)
+    result = launch("train_lcm_distill.py", with_flags(args, train_data_dir=tmp_path / "one"), num_processes=2)
+    assert result.returncode != 0
+    assert "error: [rank 1] --train_data_dir" in result.stdout + result.stderr and "got no samples" in result.stderr
+
+
+def test_the_model_card_names_a_hub_teacher_as_base_model(tmp_path):
+    import argparse
+
+    from lcm_utils.family import StableDiffusionXL
+    from lcm_utils.training import write_model_card
+
+    args = argparse.Namespace(pretrained_teacher_model="stabilityai/stable-diffusion-xl-base-1.0",
+                              output_dir=str(tmp_path), w_min=3.0, w_max=15.0, num_ddim_timesteps=50,
+                              loss_type="huber")
+    write_model_card(args, "usage", 1000, argparse.Namespace(name="LCM-LoRA distillation"), StableDiffusionXL)
+    card = (tmp_path / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert {"stable-diffusion-xl", "lora", "lcm-lora"} <= set(metadata["tags"]) and "# LCM-LoRA SDXL model" in card

@@ -171,3 +171,23 @@ def test_dataset_switch_sees_every_row_once(tmp_path):
     folder = save_dataset(tmp_path / "ds", count=14)
     used, after, _ = switch(dict(dataset_name=folder, train_batch_size=1), (2, 1), (1, 2), [4, 2])
     assert sorted(used[0] + after[0]) == sorted(f"caption {i}" for i in range(14))
+
+
+def test_a_second_switch_keeps_the_split_of_an_epoch_no_reader_has_reached(tmp_path):
+    """First switch: old readers stood in epochs 0 and 1, so epoch 1 got a plan. The new layout switches again while
+    all its readers are still in epoch 0: epoch 1's plan must survive, or its used samples come round again."""
+    captions = sorted(write_folder(tmp_path / "data", 10))
+    kwargs = dict(train_data_dir=str(tmp_path / "data"), train_batch_size=1)
+    used, states = {}, []
+    for rank, count in enumerate([2, 8, 7]):  # 3 readers; shares of 3-4: ranks 1 and 2 go into epoch 1
+        stream = TrainStream(spec_for(**kwargs), rank, 3)
+        for epoch, got in epoch_captions(stream, count).items():
+            used.setdefault(epoch, []).extend(got)
+        states.append(json.loads(json.dumps(stream.state_dict())))
+    middle = TrainStream(spec_for(dataloader_num_workers=2, **kwargs))
+    middle.load_elastic(states)  # nothing read on this layout: its readers all stand at epoch 0
+    again = TrainStream(spec_for(**kwargs))
+    again.load_elastic([json.loads(json.dumps(middle.state_dict()))])
+    after = rest_of_epochs(again, 1, batches=40)
+    for epoch in (0, 1):
+        assert sorted(used.get(epoch, []) + after.get(epoch, [])) == captions, epoch
