@@ -576,7 +576,7 @@ class FolderSource:
         """(index, item number, None) of this reader's share of the epoch permutation, from `start`."""
         return permuted_share(len(self.items), seed, epoch, slot, num_readers, start, plan)
 
-    def elastic_plan(self, seed, epoch, readers, num_readers, plan):
+    def elastic_plan(self, seed, epoch, readers, num_readers, plan, new_readers):
         return indexable_elastic_plan(len(self.items), seed, epoch, readers, num_readers, plan)
 
     def _caption_bytes_or_value(self, relative: str):
@@ -809,6 +809,29 @@ def decode_shard_sample(sample: dict, rules: Optional[SampleRules] = None) -> tu
     return image, caption, reencoded, size
 
 
+def deal_segments(segments: list, readers: int, shard_length: int, total: Optional[int]) -> dict:
+    """An elastic plan for shards: segments dealt to readers longest first, each to the reader with the least
+    estimated work (a shard's length estimated as the longest seen in the checkpoint, since a tar does not say);
+    with an epoch length, `total` samples split between the readers in proportion to their estimated work."""
+    def length(segment):
+        _, first, only = segment
+        return len(only) if only is not None else max(shard_length - first, 1)
+
+    dealt, load = [[] for _ in range(readers)], [0] * readers
+    for segment in sorted(segments, key=length, reverse=True):
+        reader = load.index(min(load))
+        dealt[reader].append(segment)
+        load[reader] += length(segment)
+    limits = None
+    if total is not None:
+        weight = sum(load) or 1
+        limits = [total * work // weight for work in load]
+        by_remainder = sorted(range(readers), key=lambda r: (-(total * load[r] % weight), r))
+        for reader in by_remainder[: total - sum(limits)]:
+            limits[reader] += 1
+    return {"readers": dealt, "limits": limits}
+
+
 class ShardSource:
     """Samples of webdataset tar shards, split between readers by shard or by sample index."""
 
@@ -835,7 +858,7 @@ class ShardSource:
     def reader_segments(self, seed: int, epoch: int, slot: int, num_readers: int, plan: Optional[dict]) -> tuple:
         """(segments [[url number, first index, only-indices or None]], split by sample) of a reader's epoch."""
         if plan is not None:  # an elastic resume's rest of the epoch, dealt out segment by segment
-            return [list(segment) for segment in plan["segments"][slot::num_readers]], False
+            return [list(segment) for segment in plan["readers"][slot]], False
         order = [int(i) for i in np.random.default_rng([seed, epoch]).permutation(len(self.urls))]
         # Too few shards to split: every reader reads all of them and keeps every num_readers-th sample.
         by_sample = len(order) < num_readers
@@ -855,13 +878,14 @@ class ShardSource:
         epoch split by an elastic resume, what was left of it, split exactly."""
         if plan is None:
             return None if self.max_train_samples is None else math.ceil(self.max_train_samples / num_readers)
-        total = plan.get("total")
-        return None if total is None else total // num_readers + (slot < total % num_readers)
+        return None if plan.get("limits") is None else plan["limits"][slot]
 
-    def elastic_plan(self, seed: int, epoch: int, readers: list, num_readers: int, plan: Optional[dict]) -> dict:
-        """The rest of `epoch` after the old layout's readers: what each has not read yet, the samples waiting in
-        its shuffle buffer included, as segments a new layout deals out; and the samples left of the epoch length."""
-        segments, left = [], 0
+    def elastic_plan(self, seed: int, epoch: int, readers: list, num_readers: int, plan: Optional[dict],
+                     new_readers: int) -> dict:
+        """The rest of `epoch` after the old layout's `num_readers` readers: what each has not read yet, the samples
+        waiting in its shuffle buffer included, as segments dealt to `new_readers` readers, balanced by estimated
+        length; with an epoch length, the samples left of it split in proportion."""
+        segments, left, longest = [], 0, 1
         for reader in readers:
             limit = self._reader_limit(reader["slot"], num_readers, plan)
             mine, by_sample = self.reader_segments(seed, epoch, reader["slot"], num_readers, plan)
@@ -884,6 +908,8 @@ class ShardSource:
             waiting = {}
             for position, index in state["buffer"]:
                 waiting.setdefault(position, []).append(index)
+                longest = max(longest, index + 1)
+            longest = max(longest, state["next"][1])
             for position, indices in sorted(waiting.items()):
                 segments.append([mine[position][0], 0, sorted(indices)])
             if not state["exhausted"]:
@@ -894,8 +920,8 @@ class ShardSource:
                     if later is None or later:
                         segments.append([url, max(first, index), later])
                 segments += mine[position + 1:]
-        has_limit = self.max_train_samples is not None if plan is None else plan.get("total") is not None
-        return {"segments": segments, "total": left if has_limit else None}
+        has_limit = self.max_train_samples is not None if plan is None else plan.get("limits") is not None
+        return deal_segments(segments, new_readers, longest, left if has_limit else None)
 
     def iter_epoch(self, seed: int, epoch: int, slot: int, num_readers: int, start: int, events: list,
                    shard_state: Optional[dict] = None, plan: Optional[dict] = None):
@@ -1196,8 +1222,9 @@ class TrainStream:
         # An earlier switch may have split an epoch that none of these readers has reached yet: keep splitting it.
         last = max([last] + [int(epoch) for epoch in old_plans])
         self.seed = seed
+        new_readers = self.world_size * self.num_workers
         self._plans = {str(epoch): self._source.elastic_plan(seed, epoch, readers, old_readers,
-                                                               old_plans.get(str(epoch)))
+                                                               old_plans.get(str(epoch)), new_readers)
                        for epoch in range(first, last + 1)}
         self._positions = [[first, 0] for _ in range(self.num_workers)]
         self._shard_states = [None] * self.num_workers

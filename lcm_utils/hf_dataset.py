@@ -77,7 +77,7 @@ class DatasetSource:
         """(index, row number, None) of this reader's share of the epoch permutation, from `start`."""
         return permuted_share(self.size, seed, epoch, slot, num_readers, start, plan)
 
-    def elastic_plan(self, seed, epoch, readers, num_readers, plan):
+    def elastic_plan(self, seed, epoch, readers, num_readers, plan, new_readers):
         return indexable_elastic_plan(self.size, seed, epoch, readers, num_readers, plan)
 
     def _image(self, row: int):

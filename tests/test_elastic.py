@@ -191,3 +191,14 @@ def test_a_second_switch_keeps_the_split_of_an_epoch_no_reader_has_reached(tmp_p
     after = rest_of_epochs(again, 1, batches=40)
     for epoch in (0, 1):
         assert sorted(used.get(epoch, []) + after.get(epoch, [])) == captions, epoch
+
+
+def test_shard_switch_with_an_epoch_length_and_long_shards(tmp_path):
+    """Two long shards, a big shuffle buffer: the new readers' segments differ in length (buffered samples, the
+    rest of a shard, a whole shard), yet the switched epoch still ends at --max_train_samples, each sample once."""
+    write_shards(tmp_path, "s", 2, 15)
+    for taken in (1, 3):
+        used, after, _ = switch(dict(train_shards_path_or_url=str(tmp_path / "s-{0..1}.tar"), train_batch_size=1,
+                                     shuffle_buffer_size=8, max_train_samples=20), (1, 1), (2, 1), [taken])
+        epoch = used[0] + after.get(0, [])
+        assert len(epoch) == 20 and len(set(epoch)) == 20, (taken, len(epoch))
