@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
-# teacher, then the two benchmarks at Stable Diffusion 1.5's shapes and the memory/speed benchmark at SDXL's
+# teacher, the same for SDXL in fp16 on a tiny SDXL teacher (full and LoRA, sampled by scripts/sample.py), then the
+# two benchmarks at Stable Diffusion 1.5's shapes and the memory/speed benchmark at SDXL's
 # shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
 # saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out).
 #
@@ -117,6 +118,32 @@ W = os.environ['W']
 print(build_tiny_teacher(os.path.join(W, 'teacher'), 'epsilon', seed=0))
 print(build_wds_shards(os.path.join(W, 'shards'), num_shards=4, per_shard=16, size=20))
 "
+}
+
+# SDXL in fp16 on the tiny SDXL teacher: full distillation (cast teacher, validation grid decoded by an fp32 VAE)
+# and LCM-LoRA from LAION-style shards with filters, each then sampled by scripts/sample.py in a stock
+# StableDiffusionXLPipeline. The GPU paths of the SDXL family that no CPU test can take.
+s_sdxl_fp16() {
+    rm -rf "$W/sdxl" "$W/sdxl_shards" "$W/sdxl_full" "$W/sdxl_lora"
+    python3 -c "
+import os, sys
+sys.path.insert(0, os.environ['ROOT'])
+from lcm_utils.tiny import build_tiny_sdxl_teacher, build_wds_shards
+W = os.environ['W']
+build_tiny_sdxl_teacher(os.path.join(W, 'sdxl'), seed=2)
+print(build_wds_shards(os.path.join(W, 'sdxl_shards'), num_shards=2, per_shard=16, size=24, with_json=True))
+" || return 1
+    local common=(--pretrained_teacher_model "$W/sdxl" --train_shards_path_or_url "$W/sdxl_shards/{00000..00001}.tar"
+        --max_train_samples 32 --resolution 16 --train_batch_size 4 --max_train_steps 6 --validation_steps 6
+        --validation_prompts "a red square" --validation_inference_steps 1 2 --report_to none --seed 0
+        --min_original_size 400 --random_flip)
+    launch train_lcm_distill.py fp16 "${common[@]}" --output_dir "$W/sdxl_full" --cast_teacher_unet || return 1
+    launch train_lcm_lora.py fp16 "${common[@]}" --output_dir "$W/sdxl_lora" --lora_rank 4 --cast_teacher_unet \
+        || return 1
+    for run in sdxl_full sdxl_lora; do
+        [ -f "$W/$run/validation/step-000006.png" ] || { echo "no validation grid in $run"; return 1; }
+        python3 scripts/sample.py --model "$W/$run" --steps 1 4 --out "$OUT/sample_$run.png" || return 1
+    done
 }
 
 # fp16: teacher cast to fp16, 2 data workers, tensorboard logging of scalars and grids.
@@ -259,7 +286,7 @@ s_batching() {
     fi 2>&1 | tee "$W/batching.log"
 }
 export -f step launch tiny_flags train_and_resume s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_sdxl_memory s_batching
+    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16
 
 main() {
     RESULTS=()
@@ -292,6 +319,7 @@ main() {
     step lora_fp16_train 60 s_lora_fp16
     step losses_finite 30 s_losses
     step sample_stock_pipelines 60 s_sample
+    step sdxl_fp16_train+sample 120 s_sdxl_fp16
     for pair in full_fp16:25 full_bf16:25 lora_fp16:20; do
         local src=$W/${pair%%:*}/validation/step-0000${pair##*:}.png
         [ -f "$src" ] && cp "$src" "$OUT/val_${pair%%:*}.png"
