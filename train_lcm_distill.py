@@ -38,7 +38,6 @@ class FullDistillation(DistillationMethod):
 
     def build(self, teacher, args, weight_dtype):
         self.teacher_unet = teacher.unet
-        self.family, self.args = teacher.family, args
         self.student = build_student(teacher.unet, args.unet_time_cond_proj_dim).to(teacher.unet.device).train()
         if args.cast_teacher_unet:  # only after the student copied the fp32 weights
             teacher.unet.to(dtype=weight_dtype)

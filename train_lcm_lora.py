@@ -60,7 +60,6 @@ class LoraDistillation(DistillationMethod):
         from peft import LoraConfig
 
         unet = self.student = teacher.unet
-        self.family, self.args = teacher.family, args
         if args.cast_teacher_unet:  # the frozen base is the teacher: its weights in the low precision
             unet.to(dtype=weight_dtype)
         try:

@@ -21,6 +21,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_m
             "trackio": "trackio", "all": None, "none": None}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 CONFIG_FILE_NAME = "training_config.yaml"
+DEFAULT_STOP_SIGNALS = "SIGINT,SIGTERM,SIGUSR1"  # what preemptible and SLURM jobs and a Ctrl-C send
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -130,7 +131,7 @@ def add_shared_flags(parser):
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (starts fresh when there is none), a checkpoint name or a path.")
-    g.add_argument("--stop_signals", type=str, default="SIGINT,SIGTERM,SIGUSR1",
+    g.add_argument("--stop_signals", type=str, default=DEFAULT_STOP_SIGNALS,
                    help="Signals that make every rank finish its step, write a checkpoint and exit with status "
                         "128 + signal number (a second one stops at once); comma list, or 'none'.")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,

@@ -14,7 +14,6 @@ import time
 
 import torch
 
-DEFAULT_STOP_SIGNALS = "SIGINT,SIGTERM,SIGUSR1"
 # A launcher that got the signal too (torchrun, a whole process group, a cgroup kill) passes it on: the same
 # signal again this soon is that copy, not a second request.
 REPEAT_WINDOW_S = 0.5

@@ -49,6 +49,12 @@ class DistillationMethod:
     def check_args(self, args):
         """Reject flag values that make no sense for this method (ConfigError)."""
 
+    def setup(self, teacher, args, weight_dtype):
+        """What every method keeps (the family for pipelines and LoRA files, the flags for the model card), then
+        the method's own build."""
+        self.family, self.args = teacher.family, args
+        self.build(teacher, args, weight_dtype)
+
     def build(self, teacher, args, weight_dtype):
         """Set self.student (its trainable weights fp32) and the target; cast the teacher per --cast_teacher_unet."""
         raise NotImplementedError
@@ -263,7 +269,7 @@ def train_loop(run, stop):
     # The data first: a dataset column or source error is reported before minutes of model loading.
     stream = TrainStream(data_spec(args, args.seed, teacher_family(args)), acc.process_index, acc.num_processes)
     teacher = load_teacher(args, device, run.weight_dtype)
-    method.build(teacher, args, run.weight_dtype)
+    method.setup(teacher, args, run.weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         for unet in method.unets():
             unet.enable_xformers_memory_efficient_attention()

@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +26,7 @@ def main():
     p.add_argument("--num_prompts", type=int, default=8)
     p.add_argument("--guidance_scale", type=float, default=6.0, help="Teacher CFG scale = w + 1 for the student.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cell", type=int, default=96, help="Pixels per image in the grid.")
+    p.add_argument("--cell", type=int, default=96, help="Smaller images are enlarged to at least this many pixels.")
     p.add_argument("--out", default="comparison.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -44,17 +44,8 @@ def main():
         z = ev.sample_latents(student, captions, noise, steps, scale, seed=args.seed)
         columns.append((f"LCM {steps}", ev.decode(student, z)))
 
-    font = ImageFont.load_default()
-    cell, head = args.cell, 24
-    text_w = int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c, font=font) for c in captions)) + 16
-    grid = Image.new("RGB", (text_w + cell * len(columns), head + cell * len(captions)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, (label, images) in enumerate(columns):
-        draw.text((text_w + j * cell + 8, 6), label, fill="black", font=font)
-        for i, im in enumerate(images):
-            grid.paste(im.resize((cell, cell), Image.NEAREST), (text_w + j * cell, head + i * cell))
-    for i, caption in enumerate(captions):
-        draw.text((8, head + i * cell + cell // 2 - 6), caption, fill="black", font=font)
+    rows = [[np.asarray(images[i]) for _, images in columns] for i in range(len(captions))]
+    grid = ev.labelled_grid(rows, captions, [label for label, _ in columns], min_cell=args.cell)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
     print(f"saved {args.out}: rows = held-out prompts; columns = teacher DDIM 50 | 2 | 4 (CFG {args.guidance_scale}) "

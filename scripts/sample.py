@@ -28,12 +28,11 @@ def fail(message):
     sys.exit(2)
 
 
-def load_pipeline(args):
-    """The teacher's own pipeline class (from its model_index.json) with the student and the LCMScheduler."""
+def load_pipeline(args, trained):
+    """The teacher's own pipeline class (from its model_index.json) with the student and the LCMScheduler;
+    `trained`: the output's training_config.yaml ({} when it has none)."""
     from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel
 
-    config_path = os.path.join(args.model, "training_config.yaml")
-    trained = yaml.safe_load(open(config_path)) if os.path.isfile(config_path) else {}
     teacher = args.teacher or trained.get("pretrained_teacher_model")
     if not teacher:
         fail(f"--teacher: '{args.model}' has no training_config.yaml naming its teacher; pass --teacher")
@@ -74,9 +73,9 @@ def main():
     if not os.path.isdir(args.model):
         fail(f"--model: folder '{args.model}' does not exist")
 
-    pipe, is_full = load_pipeline(args)
-    trained = yaml.safe_load(open(os.path.join(args.model, "training_config.yaml"))) \
-        if os.path.isfile(os.path.join(args.model, "training_config.yaml")) else {}
+    config_path = os.path.join(args.model, "training_config.yaml")
+    trained = yaml.safe_load(open(config_path)) if os.path.isfile(config_path) else {}
+    pipe, is_full = load_pipeline(args, trained)
     guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
     size = args.resolution or trained.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     columns = [(steps, g) for g in guidances for steps in args.steps]

@@ -2,7 +2,6 @@
 sample of the interrupted epochs seen exactly once across the switch."""
 
 import json
-from collections import Counter
 
 import pytest
 
@@ -35,7 +34,6 @@ def switch(spec_kwargs, old_layout, new_layout, taken):
     """Run the old layout (world, workers) for `taken[rank]` batches per rank, resume elastically on the new one;
     returns ({epoch: captions used before}, {epoch: captions read after}, the new streams)."""
     old_world, old_workers = old_layout
-    before = Counter()
     states, used = [], {}
     for rank in range(old_world):
         stream = TrainStream(spec_for(dataloader_num_workers=old_workers, **spec_kwargs), rank, old_world)
@@ -51,7 +49,6 @@ def switch(spec_kwargs, old_layout, new_layout, taken):
         streams.append(stream)
         for epoch, captions in rest_of_epochs(stream, last).items():
             after.setdefault(epoch, []).extend(captions)
-    del before
     return used, after, streams
 
 

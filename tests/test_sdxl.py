@@ -15,7 +15,6 @@ from lcm_utils.data import DataSpec, TrainStream
 from lcm_utils.family import StableDiffusionXL, time_ids
 from lcm_utils.training import build_parser, main
 from train_lcm_distill import FullDistillation
-from train_lcm_lora import LoraDistillation
 
 PROMPTS = ["a red square", "a blue circle on a yellow background", "x"]
 

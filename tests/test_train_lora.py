@@ -28,7 +28,7 @@ def build_method(assets, tmp_path, **flags):
     args = build_parser(LoraDistillation, "x").parse_args(argv)
     teacher = load_teacher(args, torch.device("cpu"), torch.float32)
     method = LoraDistillation()
-    method.build(teacher, args, torch.float32)
+    method.setup(teacher, args, torch.float32)
     method.student_model = method.student
     return method, teacher
 
