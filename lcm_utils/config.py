@@ -31,6 +31,14 @@ class ConfigError(ValueError):
 
 def add_shared_flags(parser):
     """Flags both scripts take, grouped as in diffusers' train_lcm_distill_sd_wds.py."""
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_training_flags(parser)
+    return parser
+
+
+def add_model_flags(parser):
+    """The teacher and VAE (the scripts and lcm_utils.precompute)."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", type=str, default=None,
                    help="YAML file whose keys are flag names; flags given on the command line override it.")
@@ -44,6 +52,10 @@ def add_shared_flags(parser):
                    help="Hub revision used for the teacher when --teacher_revision is not given.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded Hub models are cached.")
 
+
+def add_data_flags(parser, training=True):
+    """Where samples come from and how they are cropped; training=False leaves out what only the training stream
+    does (shuffling, prompt dropping, SDXL's fixed time ids, loader workers), for lcm_utils.precompute."""
     g = parser.add_argument_group("data")
     g.add_argument("--train_shards_path_or_url", type=str, default=None,
                    help="Webdataset shards: path, brace pattern (data/{00000..00099}.tar), several joined by '::', "
@@ -66,6 +78,14 @@ def add_shared_flags(parser):
                    help="Resize filter for the shorter side.")
     g.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flip.")
+    g.add_argument("--min_original_size", type=int, default=None,
+                   help="Skip samples whose original height or width (metadata, else the image) is below this.")
+    g.add_argument("--max_watermark_probability", type=float, default=None,
+                   help="Skip samples whose 'pwatermark' (LAION json / dataset column) is above this.")
+    g.add_argument("--min_aesthetic_score", type=float, default=None,
+                   help="Skip samples whose 'aesthetic' score (LAION json / dataset column) is below this.")
+    if not training:
+        return
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Fraction of captions replaced by the empty prompt.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0 works).")
@@ -73,13 +93,9 @@ def add_shared_flags(parser):
     g.add_argument("--use_fix_crop_and_size", action="store_true",
                    help="SDXL: condition on original size (resolution, resolution) and crop (0, 0) instead of each "
                         "sample's own.")
-    g.add_argument("--min_original_size", type=int, default=None,
-                   help="Skip samples whose original height or width (metadata, else the image) is below this.")
-    g.add_argument("--max_watermark_probability", type=float, default=None,
-                   help="Skip samples whose 'pwatermark' (LAION json / dataset column) is above this.")
-    g.add_argument("--min_aesthetic_score", type=float, default=None,
-                   help="Skip samples whose 'aesthetic' score (LAION json / dataset column) is below this.")
 
+
+def add_training_flags(parser):
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default="lcm-distilled", help="Checkpoints, logs and final weights.")
     g.add_argument("--seed", type=int, default=None, help="Seed of everything random (drawn and recorded if unset).")
@@ -173,6 +189,8 @@ def parse_args(parser, argv=None, foreign=None):
     if known.config:
         parser.set_defaults(**load_yaml_config(parser, known.config, foreign))
     args = parser.parse_args(argv)
+    if not hasattr(args, "local_rank"):  # a parser without the flag (lcm_utils.precompute)
+        return args
     # Old launchers (torch.distributed.launch) pass --local_rank instead of setting LOCAL_RANK: hand it on to
     # accelerate through the environment; when both are there the environment wins, as in diffusers.
     env_rank = int(os.environ.get("LOCAL_RANK", -1))

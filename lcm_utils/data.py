@@ -31,7 +31,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
 # Only these tar members are ever read into memory; anything else (.pth, .pyd, .pickle, ...) is
 # dropped unread so no untrusted object is ever unpickled.
-DECODED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
+# "safetensors": the latents and text embeddings of shards written by lcm_utils.precompute.
+DECODED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS + ("safetensors",))
+# Key of the first sample of a precomputed shard: what wrote it, not a training sample (see lcm_utils.latents).
+HEADER_KEY = "__precomputed__"
 # PIL only tries the decoders of the formats we accept, which keeps exotic parsers out of reach.
 # (JPEG's opener also covers MPO, the multi-picture JPEG some cameras write.)
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -52,6 +55,7 @@ SKIP_REASONS = (
     "truncated_shard",
     "bad_metadata",
     "bad_size_metadata",
+    "bad_latents",  # a precomputed sample without readable latents
     # LAION-style filters: the reason names the flag that rejected the sample.
     "filtered_min_original_size",
     "filtered_max_watermark_probability",
@@ -438,13 +442,26 @@ class Transform:
 
 
 def collate(examples: list) -> dict:
-    """Batch dict of stacked examples."""
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+    """Batch dict of stacked examples: pixel_values (images) or latent_mean/latent_std and a text dict
+    (precomputed shards), captions, original sizes and crops."""
+    batch = {
         "captions": [example["caption"] for example in examples],
         "original_sizes": torch.tensor([example["original_size"] for example in examples], dtype=torch.int64),
         "crop_top_lefts": torch.tensor([example["crop_top_left"] for example in examples], dtype=torch.int64),
     }
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in examples[0]:
+            batch[key] = torch.stack([example[key] for example in examples])
+    if "text" in examples[0]:
+        batch["text"] = {key: torch.stack([example["text"][key] for example in examples])
+                         for key in examples[0]["text"]}
+    return batch
+
+
+def image_example(decoded: tuple, transform: Transform, rng: np.random.Generator) -> dict:
+    """The training example of a decoded (image, caption, original size): every image source's `example`."""
+    image, caption, size = decoded
+    return transform(image, caption, rng, size)
 
 
 def sample_rng(seed: int, epoch: int, slot: int, index: int) -> np.random.Generator:
@@ -542,6 +559,7 @@ class FolderSource:
     """Images below a folder with captions from metadata.jsonl or sidecar .txt files."""
 
     flag = "--train_data_dir"
+    example = staticmethod(image_example)
 
     def __init__(self, spec: DataSpec, count_listing: bool):
         self.root = spec.train_data_dir
@@ -643,8 +661,9 @@ def _close_quietly(stream) -> None:
         pass
 
 
-def read_shard(url: str) -> Iterator:
-    """Raw samples {"__key__", ext: bytes} of one tar, then SHARD_DAMAGED if it breaks off early."""
+def read_shard(url: str, header: bool = False) -> Iterator:
+    """Raw samples {"__key__", ext: bytes} of one tar, then SHARD_DAMAGED if it breaks off early. A precomputed
+    shard's header sample is left out, or with `header` is the only sample read."""
     try:
         stream = _open_shard(url)
     except Exception:
@@ -657,7 +676,9 @@ def read_shard(url: str) -> Iterator:
                 if not member.isfile():
                     continue
                 member_key, extension = member_key_and_extension(member.name)
-                if member_key is None:
+                if header and member_key != HEADER_KEY:
+                    break
+                if member_key is None or (member_key == HEADER_KEY and not header):
                     continue
                 if member_key != key:
                     if sample is not None:
@@ -949,16 +970,22 @@ class ShardSource:
         """(RGB image, caption, reencoded, original (h, w)) of one raw sample, or SkipSample."""
         return decode_shard_sample(sample, self.rules)
 
+    example = staticmethod(image_example)
+
 
 def build_source(spec: DataSpec, rank: int):
-    """The folder, dataset or shard source the spec names."""
+    """The folder, dataset or shard source the spec names; shards written by lcm_utils.precompute (their first
+    sample says so) become a latent source."""
     if spec.train_data_dir:
         return FolderSource(spec, count_listing=rank == 0)
     if spec.dataset_name:
         from .hf_dataset import DatasetSource
 
         return DatasetSource(spec)
-    return ShardSource(spec)
+    from .latents import LatentShardSource, read_header
+
+    header = read_header(expand_shard_urls(spec.train_shards_path_or_url)[0])
+    return ShardSource(spec) if header is None else LatentShardSource(spec, header)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -1022,15 +1049,16 @@ def _record_events(events: list, counters: tuple) -> None:
 
 
 def _decode_counted(source, raw, counters: tuple) -> Optional[tuple]:
-    """(RGB image, caption, original size) of a raw sample, or None after counting why it was skipped."""
+    """(content, caption, original size) of a raw sample (content: an RGB image, or a precomputed sample's
+    tensors), or None after counting why it was skipped."""
     try:
-        image, caption, reencoded, size = source.decode(raw)
+        content, caption, reencoded, size = source.decode(raw)
     except SkipSample as skip:
         _count(counters, skip.reason)
         return None
     if reencoded:
         _count(counters, REENCODED)
-    return image, caption, size
+    return content, caption, size
 
 
 def _check_full_epoch(setup: ReaderSetup, epoch: int, raw_count: int, usable: int, epoch_counts: Counter) -> None:
@@ -1060,8 +1088,8 @@ def reader_batches(setup: ReaderSetup) -> Iterator[dict]:
             if decoded is None:
                 continue
             usable += 1
-            image, caption, size = decoded
-            examples.append(setup.transform(image, caption, sample_rng(setup.seed, epoch, setup.slot, index), size))
+            examples.append(setup.source.example(decoded, setup.transform,
+                                                 sample_rng(setup.seed, epoch, setup.slot, index)))
             if len(examples) == setup.batch_size:
                 batch = collate(examples)
                 meta = {"worker": setup.logical_worker, "epoch": epoch, "emitted": index + 1}
@@ -1139,6 +1167,9 @@ class TrainStream:
         self.num_workers = readers_per_rank(spec)
         self._source = build_source(spec, rank)
         self.samples_per_epoch = self._source.samples_per_epoch
+        # Shards written by lcm_utils.precompute: (header record, unconditional text tensors), else None.
+        self.precomputed = getattr(self._source, "header", None)
+        self.unconditional_text = getattr(self._source, "uncond_text", None)
         self._positions = [[0, 0] for _ in range(self.num_workers)]
         self._skipped = [{} for _ in range(self.num_workers)]
         # Per logical worker: JSON rebuild state of a shard reader after its last batch (None for folders).

@@ -61,6 +61,11 @@ class StableDiffusion:
         ids = self._token_ids(self.tokenizers[0], captions)
         return {"encoder_hidden_states": self.text_encoders[0](ids)[0]}
 
+    def set_unconditional_text(self, text, device):
+        """Take the unconditional branch's text conditions [1, ...] as given (a precomputed shard's header), on the
+        training device (the text encoders may be elsewhere)."""
+        self._uncond_text = {k: v.to(device) for k, v in text.items()}
+
     def unconditional_text(self):
         """Text conditions [1, ...] of the teacher's unconditional branch: zeros when the family forces them."""
         if self._uncond_text is None:
@@ -74,11 +79,15 @@ class StableDiffusion:
 
     def conditions(self, batch, resolution, fixed_crop_and_size=False):
         """(cond, uncond) UNet keyword dicts of a batch; an empty caption is conditioned like the uncond branch
-        (so --proportion_empty_prompts trains exactly the unconditional input the teacher's CFG uses)."""
+        (so --proportion_empty_prompts trains exactly the unconditional input the teacher's CFG uses). A batch of
+        precomputed shards brings its text conditions ("text"): the encoders are not run."""
         captions = batch["captions"]
-        text = self.encode_text(captions)
         uncond_text = self.unconditional_text()
-        empty = torch.tensor([not c for c in captions], device=self.device)
+        if "text" in batch:
+            text = {k: v.to(uncond_text[k].device) for k, v in batch["text"].items()}
+        else:
+            text = self.encode_text(captions)
+        empty = torch.tensor([not c for c in captions], device=uncond_text["encoder_hidden_states"].device)
         if empty.any():
             text = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), uncond_text[k].to(v), v)
                     for k, v in text.items()}
@@ -131,7 +140,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def added_conditions(self, batch, resolution, fixed_crop_and_size):
         return {"time_ids": time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
-                                     fixed_crop_and_size).to(self.device)}
+                                     fixed_crop_and_size).to(self.unconditional_text()["text_embeds"].device)}
 
     def _assemble(self, text, added):
         # Broadcast a [1, ...] unconditional text to the batch; the time ids are the batch's (the pipeline's

@@ -8,8 +8,8 @@ when --dataset_name is used.
 import os
 from collections import Counter
 
-from .data import (DataError, SampleRules, SkipSample, checked_caption, decode_image, indexable_elastic_plan,
-                   permuted_share, read_file)
+from .data import (DataError, SampleRules, SkipSample, checked_caption, decode_image, image_example,
+                   indexable_elastic_plan, permuted_share, read_file)
 
 # Files that Dataset.save_to_disk / DatasetDict.save_to_disk write: such a folder loads with load_from_disk.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
@@ -45,6 +45,7 @@ class DatasetSource:
     (original size, pwatermark, aesthetic), as a LAION json is for shards."""
 
     flag = "--dataset_name"
+    example = staticmethod(image_example)
 
     def __init__(self, spec):
         import datasets

@@ -4,6 +4,7 @@ Paths and ids are passed through to `from_pretrained` unchanged, so a local fold
 the same model would from the Hub.
 """
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,20 @@ class Teacher:
     def pipeline(self, unet, scheduler):
         """The family's stock pipeline with this teacher's text parts and VAE and the given UNet and scheduler."""
         return self.family.pipeline(self.vae, unet, scheduler)
+
+    @contextlib.contextmanager
+    def encoders_on(self, device):
+        """The VAE and text encoders on `device` for the block (validation), then back where they were (a run from
+        precomputed shards keeps them off the training device)."""
+        parts = [self.vae] + list(self.family.text_encoders)
+        homes = [next(part.parameters()).device for part in parts]
+        for part in parts:
+            part.to(device)
+        try:
+            yield
+        finally:
+            for part, home in zip(parts, homes):
+                part.to(home)
 
 
 def pipeline_settings(path, src):
@@ -62,26 +77,36 @@ def teacher_family(args):
     return family_of(config)
 
 
-def load_teacher(args, device, weight_dtype):
-    """Load scheduler, text encoders, VAE and UNet, frozen; dtypes as described in the README."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_encoders(args, device, weight_dtype):
+    """(family with its tokenizers and frozen text encoders, frozen VAE) on `device`; the VAE in fp32 when its config
+    sets force_upcast, else in `weight_dtype` (lcm_utils.precompute needs only these)."""
+    from diffusers import AutoencoderKL
 
     src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
     path = args.pretrained_teacher_model
-    family_cls = teacher_family(args)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **src)
     force_zeros = pipeline_settings(path, src).get("force_zeros_for_empty_prompt")
-    family = family_cls.load(path, src, device, weight_dtype, force_zeros)
+    family = teacher_family(args).load(path, src, device, weight_dtype, force_zeros)
     if args.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fix VAE, which sets force_upcast false
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **src)
     # SD's and SDXL's own VAEs overflow in fp16 and say so with force_upcast (AutoencoderKL's default).
     vae_dtype = torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
+    return family, vae.requires_grad_(False).eval().to(device, dtype=vae_dtype)
+
+
+def load_teacher(args, device, weight_dtype, encoders_device=None):
+    """Load scheduler, text encoders, VAE and UNet, frozen; dtypes as described in the README. The VAE and text
+    encoders go to `encoders_device` (default `device`): the CPU when training from precomputed shards."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
+    path = args.pretrained_teacher_model
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **src)
+    family, vae = load_encoders(args, device if encoders_device is None else encoders_device, weight_dtype)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **src)
     # The UNet stays fp32 here: the student is copied from it first; cast_teacher_unet applies afterwards.
-    for module, dtype in ((vae, vae_dtype), (unet, torch.float32)):
-        module.requires_grad_(False).eval().to(device, dtype=dtype)
+    unet.requires_grad_(False).eval().to(device, dtype=torch.float32)
     return Teacher(noise_scheduler, family, vae, unet)
 
 

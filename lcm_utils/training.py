@@ -22,6 +22,7 @@ from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
 from .safety import NonFiniteGuard, StopSignals, TrainingError, agree, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid
+from .latents import check_precomputed, sample_latents
 from .teacher import encode_images, load_teacher, teacher_family
 
 DEFAULT_VALIDATION_PROMPTS = [
@@ -205,9 +206,14 @@ def dry_run(args):
     """Print the resolved config and the first batch's shapes; load no model weights."""
     print(config_text(args))
     # Reads the teacher's UNet config (fetched for a Hub id): a wrong id fails here, as the real run would.
-    stream = TrainStream(data_spec(args, args.seed or 0, teacher_family(args)))
+    family_cls = teacher_family(args)
+    stream = TrainStream(data_spec(args, args.seed or 0, family_cls))
+    if stream.precomputed:
+        for note in check_precomputed(stream.precomputed, args, family_cls):
+            print(f"note: {note}")
     batch = next(iter(stream))
-    print(f"first batch: pixel_values {tuple(batch['pixel_values'].shape)}, captions {batch['captions'][:2]}, "
+    content = "latent_mean" if stream.precomputed else "pixel_values"
+    print(f"first batch: {content} {tuple(batch[content].shape)}, captions {batch['captions'][:2]}, "
           f"skipped so far {stream.skipped}")
     print("dry run OK: flags, paths and data are valid; no model was loaded")
     return 0
@@ -267,8 +273,15 @@ def train_loop(run, stop):
     args, method, acc = run.args, run.method, run.accelerator
     device = acc.device
     # The data first: a dataset column or source error is reported before minutes of model loading.
-    stream = TrainStream(data_spec(args, args.seed, teacher_family(args)), acc.process_index, acc.num_processes)
-    teacher = load_teacher(args, device, run.weight_dtype)
+    family_cls = teacher_family(args)
+    stream = TrainStream(data_spec(args, args.seed, family_cls), acc.process_index, acc.num_processes)
+    if stream.precomputed:
+        for note in check_precomputed(stream.precomputed, args, family_cls):
+            run.log(f"note: {note}")
+    # From precomputed shards the VAE and text encoders only serve validation: they wait on the CPU.
+    teacher = load_teacher(args, device, run.weight_dtype, torch.device("cpu") if stream.precomputed else device)
+    if stream.precomputed:
+        teacher.family.set_unconditional_text(stream.unconditional_text, device)
     method.setup(teacher, args, run.weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         for unet in method.unets():
@@ -296,7 +309,7 @@ def train_loop(run, stop):
     saved_step = global_step if global_step else None  # the step of the newest complete checkpoint
     if acc.is_main_process:
         text = save_resolved_config(args, args.output_dir)
-        run.log(text if args.verbose else summary(args, teacher, acc))
+        run.log(text if args.verbose else summary(args, teacher, acc, bool(stream.precomputed)))
         acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
     if global_step >= max_train_steps:
         run.log(f"the checkpoint is at step {global_step}, --max_train_steps is {max_train_steps}: nothing to train")
@@ -318,7 +331,7 @@ def train_loop(run, stop):
     step_start = time.perf_counter()
     for batch in stream:
         with acc.accumulate(method.student_model):
-            z0 = encode_images(teacher, batch["pixel_values"], args.vae_encode_batch_size, generator)
+            z0 = clean_latents(teacher, batch, args.vae_encode_batch_size, generator, stream.precomputed)
             cond, uncond = teacher.family.conditions(batch, args.resolution, args.use_fix_crop_and_size)
             w = args.w_min + (args.w_max - args.w_min) * torch.rand(
                 z0.shape[0], generator=generator, device=generator.device)
@@ -376,6 +389,13 @@ def train_loop(run, stop):
     return 0
 
 
+def clean_latents(teacher, batch, chunk_size, generator, precomputed=None):
+    """z0 [B, C, h, w] of a batch: drawn from the stored posterior of precomputed shards, else VAE-encoded."""
+    if "latent_mean" in batch:
+        return sample_latents(batch, precomputed["scaling_factor"], chunk_size, generator, generator.device)
+    return encode_images(teacher, batch["pixel_values"], chunk_size, generator)
+
+
 class Progress:
     """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every 1/20 of the run (at
     least 10 steps apart) and at its last step."""
@@ -400,9 +420,11 @@ class Progress:
             self.bar.close()
 
 
-def summary(args, teacher, acc):
+def summary(args, teacher, acc, precomputed=False):
     """The run in a few lines; the full configuration is in training_config.yaml (and printed with --verbose)."""
     data = args.train_shards_path_or_url or args.train_data_dir or args.dataset_name
+    if precomputed:
+        data += " (precomputed latents and text embeddings)"
     precision = acc.mixed_precision if acc.mixed_precision != "no" else "fp32"
     return (f"teacher:   {args.pretrained_teacher_model} ({teacher.family.name}, {teacher.prediction_type})\n"
             f"data:      {data}\n"
@@ -572,7 +594,8 @@ def run_validation(run, teacher, step):
         guidance = args.validation_guidance_scale
         if guidance is None:
             guidance = run.method.default_validation_guidance(args)
-        with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp:
+        with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp, \
+                teacher.encoders_on(acc.device):
             pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device)
             rows, columns = [], [f"{n} step{'s' if n > 1 else ''}, g {guidance:g}"
                                  for n in args.validation_inference_steps]

@@ -396,13 +396,14 @@ def test_wds_resume_does_not_reopen_the_shards_already_used(tmp_path, monkeypatc
     pattern, following = str(tmp_path / f"u-{{0..{shards - 1}}}.tar"), 2
     spec = random_spec(train_shards_path_or_url=pattern, train_batch_size=batch_size, shuffle_buffer_size=2)
     expected = take(TrainStream(spec, rank, world_size), consumed + following)  # all in epoch 0
+    # Built before recording: a new stream peeks at the first shard's first member (is it precomputed?), which
+    # reads no sample.
+    first, resumed = TrainStream(spec, rank, world_size), TrainStream(spec, rank, world_size)
     opened = record_opened_shards(monkeypatch)
-    first = TrainStream(spec, rank, world_size)
     take(first, consumed)
     read_before = list(opened)
     state = json.loads(json.dumps(first.state_dict()))
     opened.clear()
-    resumed = TrainStream(spec, rank, world_size)
     resumed.load_state_dict(state)
     assert_batches_equal(expected[consumed:], take(resumed, following))
     assert resumed.epoch == 0
