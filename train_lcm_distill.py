@@ -64,8 +64,8 @@ class FullDistillation(DistillationMethod):
         z, cond = in_dtype(self.target.dtype, z, cond)
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
-    def update_target(self):
-        ema_update(self.target.parameters(), self.student.parameters(), self.ema_decay)
+    def update_target(self, gate=None):
+        ema_update(self.target.parameters(), self.student.parameters(), self.ema_decay, gate)
 
     def save_state(self, folder):
         self.student.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)

@@ -102,10 +102,11 @@ class LoraDistillation(DistillationMethod):
         # untouched, so the student's autograd graph is intact.
         return torch.func.functional_call(self.student, self.ema, (z, t), dict(cond)).sample
 
-    def update_target(self):
+    def update_target(self, gate=None):
         if self.ema is not None:
             online = self.lora_state()
-            ema_update([self.ema[n] for n in self.lora_names], [online[n] for n in self.lora_names], self.ema_decay)
+            ema_update([self.ema[n] for n in self.lora_names], [online[n] for n in self.lora_names], self.ema_decay,
+                       gate)
 
     def save_state(self, folder):
         save_tensors(self.lora_state(), os.path.join(folder, "lora.safetensors"))

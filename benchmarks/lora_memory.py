@@ -154,8 +154,8 @@ def worker(kind, train_args):
         def export(self, output_dir):
             return ""
 
-        def update_target(self):
-            super().update_target()
+        def update_target(self, gate=None):
+            super().update_target(gate)
             step_times.append(time.perf_counter())
 
     class Lora(NoExport, LoraDistillation):

@@ -121,8 +121,16 @@ def add_training_flags(parser):
     g.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
                    help="Overrides the accelerate config. Student master weights stay fp32.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--cast_teacher_unet", action="store_true",
-                   help="Hold the teacher UNet weights in the mixed-precision dtype.")
+    g.add_argument("--cast_teacher_unet", action="store_true", default=True,
+                   help="Hold the teacher UNet weights in the mixed-precision dtype (on by default here; diffusers' "
+                        "default is off: --teacher_unet_fp32).")
+    g.add_argument("--teacher_unet_fp32", action="store_true",
+                   help="Keep the teacher UNet weights in fp32 under mixed precision (turns --cast_teacher_unet off; "
+                        "for LoRA the teacher is the frozen base).")
+    g.add_argument("--channels_last", action="store_true",
+                   help="UNet weights and inputs in channels-last memory format.")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the student, teacher and target UNets (the first steps compile).")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (needs xformers); PyTorch SDPA otherwise.")
     g.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")
@@ -162,6 +170,9 @@ def add_training_flags(parser):
     g.add_argument("--report_to", type=str, default="tensorboard", choices=tuple(TRACKERS),
                    help="Tracker for scalars and validation grids (accelerate's names; none = off).")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under output_dir.")
+    g.add_argument("--logging_steps", type=int, default=10,
+                   help="Optimizer steps between logged losses: the host reads the device only then (and before "
+                        "checkpoints and validation), so the GPU is never waited for inside a step.")
     g.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune",
                    help="Project name given to the trackers.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
@@ -329,8 +340,10 @@ def validate(args):
     # The data flags (source, resolution, batch size, ...) are checked by data.check_data_spec.
     if args.encode_batch_size is not None:
         args.vae_encode_batch_size = args.encode_batch_size
+    if args.teacher_unet_fp32:
+        args.cast_teacher_unet = False
     positive = ("num_train_epochs", "gradient_accumulation_steps", "num_ddim_timesteps", "checkpointing_steps",
-                "validation_steps", "vae_encode_batch_size", "max_nonfinite_steps")
+                "validation_steps", "vae_encode_batch_size", "max_nonfinite_steps", "logging_steps")
     for name in positive + ("max_train_steps", "checkpoints_total_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -256,8 +256,11 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {"l2": l2_loss, "huber": pseudo
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def ema_update(target_params: Iterable[torch.Tensor], online_params: Iterable[torch.Tensor], decay: float) -> None:
-    """In place target <- decay * target + (1 - decay) * online (LCM Algorithm 1, theta^- update, mu = decay)."""
+def ema_update(target_params: Iterable[torch.Tensor], online_params: Iterable[torch.Tensor], decay: float,
+               gate: torch.Tensor | None = None) -> None:
+    """In place target <- decay * target + (1 - decay) * online (LCM Algorithm 1, theta^- update, mu = decay).
+
+    gate: a 0/1 scalar tensor; 0 leaves the target as it is (a skipped step), decided on the device."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     targets = list(target_params)
@@ -270,4 +273,7 @@ def ema_update(target_params: Iterable[torch.Tensor], online_params: Iterable[to
     # cast the online copy to it, since lerp needs matching dtypes.
     onlines = [o.detach().to(device=t.device, dtype=t.dtype) for t, o in zip(targets, onlines)]
     # lerp(target, online, 1 - decay) = target + (1 - decay)(online - target): exact at decay 0 and 1.
-    torch._foreach_lerp_(targets, onlines, 1.0 - decay)
+    if gate is None:
+        torch._foreach_lerp_(targets, onlines, 1.0 - decay)
+    else:
+        torch._foreach_lerp_(targets, onlines, (gate * (1.0 - decay)).to(targets[0].device, targets[0].dtype))

@@ -1284,6 +1284,8 @@ class TrainStream:
             num_workers=workers,
             persistent_workers=workers > 0,
             prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+            # Pinned batches copy to a GPU without the host waiting for the device's queue.
+            pin_memory=torch.cuda.is_available(),
             # Without its own generator, starting the loader draws from the global torch RNG (for worker
             # base seeds), which would shift every later global draw (e.g. dropout) on resume.
             generator=torch.Generator().manual_seed(self.seed),

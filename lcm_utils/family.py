@@ -52,8 +52,10 @@ class StableDiffusion:
         return self.text_encoders[0].device
 
     def _token_ids(self, tokenizer, captions):
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        from .teacher import to_device
+
+        return to_device(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids, self.device)
 
     @torch.no_grad()
     def encode_text(self, captions):
@@ -81,14 +83,17 @@ class StableDiffusion:
         """(cond, uncond) UNet keyword dicts of a batch; an empty caption is conditioned like the uncond branch
         (so --proportion_empty_prompts trains exactly the unconditional input the teacher's CFG uses). A batch of
         precomputed shards brings its text conditions ("text"): the encoders are not run."""
+        from .teacher import to_device
+
         captions = batch["captions"]
         uncond_text = self.unconditional_text()
+        device = uncond_text["encoder_hidden_states"].device
         if "text" in batch:
-            text = {k: v.to(uncond_text[k].device) for k, v in batch["text"].items()}
+            text = {k: to_device(v, device) for k, v in batch["text"].items()}
         else:
             text = self.encode_text(captions)
-        empty = torch.tensor([not c for c in captions], device=uncond_text["encoder_hidden_states"].device)
-        if empty.any():
+        if not all(captions):  # decided on the host: no wait for the device
+            empty = to_device(torch.tensor([not c for c in captions]), device)
             text = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), uncond_text[k].to(v), v)
                     for k, v in text.items()}
         added = self.added_conditions(batch, resolution, fixed_crop_and_size)
@@ -139,8 +144,10 @@ class StableDiffusionXL(StableDiffusion):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
     def added_conditions(self, batch, resolution, fixed_crop_and_size):
-        return {"time_ids": time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
-                                     fixed_crop_and_size).to(self.unconditional_text()["text_embeds"].device)}
+        from .teacher import to_device
+
+        return {"time_ids": to_device(time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
+                                               fixed_crop_and_size), self.unconditional_text()["text_embeds"].device)}
 
     def _assemble(self, text, added):
         # Broadcast a [1, ...] unconditional text to the batch; the time ids are the batch's (the pipeline's

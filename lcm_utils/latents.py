@@ -187,7 +187,9 @@ def check_precomputed(record, args, family_cls):
 def sample_latents(batch, scaling_factor, chunk_size, generator, device):
     """z0 [B, C, h, w] = scaling_factor * (mean + std * eps) from a precomputed batch: the draw that encoding on the
     fly makes (DiagonalGaussianDistribution.sample, chunk by chunk from the same generator)."""
-    mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    from .teacher import to_device
+
+    mean, std = to_device(batch["latent_mean"], device), to_device(batch["latent_std"], device)
     noise = torch.cat([torch.randn(chunk.shape, generator=generator, device=generator.device, dtype=torch.float32)
                        for chunk in mean.split(chunk_size)]).to(device)
     return (mean + std * noise) * scaling_factor

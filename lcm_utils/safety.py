@@ -1,10 +1,10 @@
 """Never lose work: stop signals turned into a checkpoint at the next step boundary, agreement between ranks,
-and the guard that keeps a non-finite loss away from the weights.
+and the bookkeeping that keeps a non-finite loss away from the weights.
 
 A preemptible or SLURM job gets SIGTERM (or SIGUSR1) some seconds before it is killed, and a user presses
 Ctrl-C. The first such signal only sets a flag: every rank finishes its optimizer step, the ranks agree (one
-tiny all-reduce per step, together with the non-finite flag), and the loop writes a checkpoint and stops. A
-second signal stops at once; the checkpoints on disk are complete or absent, never half-written.
+tiny all-reduce of host data per step), and the loop writes a checkpoint and stops. A second signal stops at
+once; the checkpoints on disk are complete or absent, never half-written.
 """
 
 import os
@@ -65,14 +65,22 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def agree(accelerator, signum, nonfinite):
-    """(the stop signal any rank caught, 0 if none; any rank's loss was non-finite): one all-reduce when there
-    are several ranks, so every rank skips the same updates and stops at the same step."""
-    if accelerator.num_processes == 1:
-        return signum, nonfinite
-    flags = torch.tensor([float(signum), float(nonfinite)], device=accelerator.device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return int(flags[0].item()), bool(flags[1].item())
+class StopAgreement:
+    """Whether any rank caught a stop signal, agreed at every optimizer step over a CPU (gloo) group: the flag is
+    host data, so agreeing on it never waits for the device."""
+
+    def __init__(self, accelerator):
+        self.group = None
+        if accelerator.num_processes > 1:
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def __call__(self, signum):
+        """The stop signal any rank caught (0 if none)."""
+        if self.group is None:
+            return signum or 0
+        flag = torch.tensor([float(signum or 0)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
 
 
 def resume_command(argv, script):
@@ -90,22 +98,57 @@ def resume_command(argv, script):
     return " ".join(["accelerate launch", shlex.quote(script), *kept, "--resume_from_checkpoint latest"])
 
 
-class NonFiniteGuard:
-    """Counts optimizer steps skipped for a non-finite loss; raises TrainingError after `limit` in a row."""
+class StepHealth:
+    """The losses since the host last looked, kept on the device: their mean for the log, and the non-finite ones.
+    A non-finite loss on any rank skips that optimizer step's update on every rank (weights, optimizer state, EMA
+    target), and the step still counts, as a GradScaler's skipped step does. With a fused optimizer the skip is
+    decided on the device (its found_inf input), so the host reads these numbers only when it looks: every
+    --logging_steps, and before a checkpoint, a validation or the end. Without one (8-bit Adam, DeepSpeed) it
+    looks at every step."""
 
-    def __init__(self, limit):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
+    def __init__(self, limit, device, on_device):
+        self.limit, self.on_device = limit, on_device
+        self.window_finite = torch.ones((), dtype=torch.bool, device=device)  # this step's micro-batches
+        # loss sum, finite losses, skipped steps in all, skipped in a row, step at which the limit was reached
+        self.numbers = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0], device=device)
+        self.skipped_seen, self.looked_at = 0, 0
 
-    def skipped(self, step, last_checkpoint):
-        """Record a skipped update at optimizer step `step` (the one that did not happen)."""
-        self.in_a_row += 1
-        self.total += 1
-        if self.in_a_row >= self.limit:
+    def observe(self, loss):
+        """A micro-batch's loss []: into the window's flag and the log's mean (finite losses only)."""
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self.window_finite &= finite
+        self.numbers[0] += torch.where(finite, loss, 0.0)
+        self.numbers[1] += finite.float()
+
+    def gate(self, accelerator, step):
+        """1. when every rank's losses of optimizer step `step` were finite, else 0. (a device scalar); counts it."""
+        finite = self.window_finite.float()
+        if accelerator.num_processes > 1:  # queued on the device's stream like the gradient all-reduce: no wait
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        self.window_finite.fill_(True)
+        bad = 1.0 - finite
+        self.numbers[2] += bad
+        self.numbers[3] = (self.numbers[3] + 1.0) * bad
+        reached = (self.numbers[3] >= self.limit) & (self.numbers[4] < 0)
+        self.numbers[4] = torch.where(reached, float(step), self.numbers[4])
+        return finite
+
+    def look(self, step, last_checkpoint, log):
+        """Read the numbers (one device sync): the mean finite loss since the last look (nan if none); logs the
+        skipped updates; TrainingError once --max_nonfinite_steps in a row were reached, naming that step."""
+        loss_sum, count, skipped, in_a_row, reached = self.numbers.tolist()
+        self.numbers[:2] = 0.0
+        new, first = int(skipped) - self.skipped_seen, self.looked_at + 1
+        self.skipped_seen, self.looked_at = int(skipped), step
+        if new:
+            where = f"step {step}" if first == step else f"steps {first}-{step}"
+            log(f"{where}: {new} non-finite loss{'es' if new > 1 else ''}, update{'s' if new > 1 else ''} skipped "
+                f"({int(in_a_row)} in a row now)")
+        if reached >= 0:
             kept = f"the last checkpoint, {last_checkpoint}, is kept" if last_checkpoint else "no checkpoint was written"
             raise TrainingError(
-                f"the loss was not finite for {self.in_a_row} steps in a row (step {step}, "
+                f"the loss was not finite for {self.limit} steps in a row (step {int(reached)}, "
                 f"--max_nonfinite_steps {self.limit}); stopped, {kept}; lower --learning_rate, check the data, "
                 f"or use bf16/fp32 instead of fp16")
-
-    def passed(self):
-        self.in_a_row = 0
+        return loss_sum / count if count else float("nan"), int(skipped)

@@ -116,9 +116,17 @@ def encode_images(teacher, pixel_values, chunk_size, generator=None):
     vae = teacher.vae
     latents = []
     for chunk in pixel_values.split(chunk_size):
-        dist = vae.encode(chunk.to(vae.device, dtype=vae.dtype)).latent_dist
+        dist = vae.encode(to_device(chunk, vae.device).to(vae.dtype)).latent_dist
         latents.append(dist.sample(generator=generator))
     return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+def to_device(tensor, device):
+    """A host tensor on `device` without waiting for the work queued there: pinned, then copied non-blocking (a
+    plain copy from pageable memory makes the host wait for the device's stream)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def build_student(teacher_unet, time_cond_proj_dim):

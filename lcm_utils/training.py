@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
-from .safety import NonFiniteGuard, StopSignals, TrainingError, agree, parse_stop_signals, resume_command
+from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid
 from .latents import check_precomputed, sample_latents
 from .teacher import encode_images, load_teacher, teacher_family
@@ -76,8 +76,8 @@ class DistillationMethod:
     def target_forward(self, z, t, cond, w):
         raise NotImplementedError
 
-    def update_target(self):
-        """Called after every optimizer step (EMA)."""
+    def update_target(self, gate=None):
+        """Called after every optimizer step (EMA); gate: a device scalar, 0 when the step's update was skipped."""
 
     def save_state(self, folder):
         raise NotImplementedError
@@ -288,6 +288,11 @@ def train_loop(run, stop):
             unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         method.student.enable_gradient_checkpointing()
+    for unet in method.unets():
+        if args.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if args.torch_compile:  # in place: the modules keep their type, state dict names and save_pretrained
+            unet.compile()
 
     params = method.trainable_parameters()
     lr = args.learning_rate
@@ -325,13 +330,32 @@ def train_loop(run, stop):
             saved_step = step
 
     progress = Progress(max_train_steps, global_step, acc.is_main_process)
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
-    window_finite = torch.ones((), dtype=torch.bool, device=device)  # every loss of this accumulation window
-    step_start = time.perf_counter()
+    health = StepHealth(args.max_nonfinite_steps, device, skips_on_device(acc, optimizer))
+    agree_stop = StopAgreement(acc)
+    window = Window(global_step, args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes)
+    gathered_at = global_step
+
+    def look(step):
+        """The host's read of the device (its only wait for it): log the steps since the last look."""
+        nonlocal gathered_at
+        try:
+            loss, skipped = health.look(step, saved_step and ckpt.final_path(args.output_dir, saved_step), run.log)
+        except TrainingError:
+            progress.close()  # the error line starts on a line of its own
+            raise
+        logs = {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/samples_per_s": window.samples_per_s(step), "train/nonfinite_skipped": skipped}
+        if step - gathered_at >= SKIP_LOG_EVERY or step == max_train_steps:
+            logs.update(gather_skip_counts(acc, stream))
+            gathered_at = step
+        progress.show(step, loss, logs["train/lr"], logs["train/samples_per_s"])
+        acc.log(logs, step=step)
+
     for batch in stream:
         with acc.accumulate(method.student_model):
             z0 = clean_latents(teacher, batch, args.vae_encode_batch_size, generator, stream.precomputed)
+            if args.channels_last:
+                z0 = z0.contiguous(memory_format=torch.channels_last)
             cond, uncond = teacher.family.conditions(batch, args.resolution, args.use_fix_crop_and_size)
             w = args.w_min + (args.w_max - args.w_min) * torch.rand(
                 z0.shape[0], generator=generator, device=generator.device)
@@ -339,54 +363,80 @@ def train_loop(run, stop):
                 loss = lcd_loss(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
                                 method.target_forward, schedule, args.loss_type, args.huber_c, generator)
             acc.backward(loss)
-            window_finite &= torch.isfinite(loss.detach())
+            health.observe(loss)
             if acc.sync_gradients:
-                # One agreement per optimizer step: every rank skips the same updates and stops at the same step.
-                stop_signal, nonfinite = agree(acc, stop.received or 0, not bool(window_finite))
-                if not nonfinite:
+                # 1 when every rank's losses of this step were finite: else no update anywhere (weights,
+                # optimizer state, EMA target), decided on the device where the optimizer can skip by itself.
+                gate = health.gate(acc, global_step + 1)
+                if health.on_device:
+                    arm_skip(optimizer, gate)
+                if health.on_device or bool(gate):
                     if args.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if not acc.sync_gradients:
             continue
-        window_finite.fill_(True)
-        if nonfinite:  # nothing reached the weights, the target or the lr schedule
-            if guard.in_a_row + 1 >= guard.limit:
-                progress.close()  # the error line starts on a line of its own
-            guard.skipped(global_step + 1, saved_step and ckpt.final_path(args.output_dir, saved_step))
-            run.log(f"step {global_step + 1}: non-finite loss, update skipped ({guard.in_a_row} in a row)")
-            acc.log({"train/nonfinite_skipped": guard.total}, step=global_step)
-        else:
-            guard.passed()
-            lr_scheduler.step()
-            method.update_target()
-            global_step += 1
-            now = time.perf_counter()
-            logs = {"train/loss": loss.detach().item(), "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/samples_per_s": samples_per_step / max(now - step_start, 1e-9)}
-            if global_step % SKIP_LOG_EVERY == 0 or global_step == max_train_steps:
-                logs.update(gather_skip_counts(acc, stream))
-            progress.step(global_step, logs["train/loss"], logs["train/lr"], logs["train/samples_per_s"])
-            acc.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                checkpoint(global_step)
-            if global_step % args.validation_steps == 0 and not stop_signal:
-                run_validation(run, teacher, global_step)
+        stop_signal = agree_stop(stop.received)  # host data only: no wait for the device
+        lr_scheduler.step()
+        method.update_target(gate)
+        global_step += 1
+        progress.advance()
+        to_checkpoint = global_step % args.checkpointing_steps == 0 or stop_signal or global_step >= max_train_steps
+        to_validate = global_step % args.validation_steps == 0 and not stop_signal
+        if global_step % args.logging_steps == 0 or to_checkpoint or to_validate:
+            look(global_step)  # before a checkpoint: a run past its non-finite limit stops before saving
+        if to_checkpoint:
+            checkpoint(global_step)
+        if to_validate:
+            run_validation(run, teacher, global_step)
         if stop_signal:
             progress.close()
-            checkpoint(global_step)
             run.log(f"stopped at step {global_step} (checkpoint-{global_step}); resume with: "
                     f"{resume_command(sys.argv[1:], sys.argv[0])}")
             acc.end_training()
             return 128 + stop_signal
         if global_step >= max_train_steps:
             break
-        step_start = time.perf_counter()  # throughput counts training only, not saving or validating
+        if to_checkpoint or to_validate:
+            window.restart(global_step)  # throughput counts training only, not saving or validating
     progress.close()
-    checkpoint(global_step)  # the last step is always resumable, so a run can be extended
+    checkpoint(global_step)  # the last step is always resumable, so a run can be extended (already saved: no-op)
     finish(run, teacher, global_step)
     return 0
+
+
+def skips_on_device(acc, optimizer):
+    """Whether the optimizer can skip an update on the device (a fused torch Adam/AdamW reads `found_inf`);
+    DeepSpeed steps its own engine."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return (isinstance(inner, torch.optim.Adam) and bool(inner.defaults.get("fused")) and not uses_deepspeed(acc))
+
+
+def arm_skip(optimizer, gate):
+    """Make the next optimizer.step skip on the device when gate is 0. Under fp16 accelerate's GradScaler sets
+    found_inf itself (a non-finite loss gives non-finite gradients, which it skips), so it is left alone."""
+    if getattr(optimizer, "scaler", None) is None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.grad_scale, inner.found_inf = None, 1.0 - gate
+
+
+class Window:
+    """Wall time and optimizer steps since the last look, for samples/s (the looks are where the host has waited
+    for the device, so the time between two is the device's too)."""
+
+    def __init__(self, step, samples_per_step):
+        self.samples_per_step = samples_per_step
+        self.restart(step)
+
+    def restart(self, step):
+        self.step, self.start = step, time.perf_counter()
+
+    def samples_per_s(self, step):
+        now = time.perf_counter()
+        rate = (step - self.step) * self.samples_per_step / max(now - self.start, 1e-9)
+        self.step, self.start = step, now
+        return rate
 
 
 def clean_latents(teacher, batch, chunk_size, generator, precomputed=None):
@@ -397,22 +447,27 @@ def clean_latents(teacher, batch, chunk_size, generator, precomputed=None):
 
 
 class Progress:
-    """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every 1/20 of the run (at
-    least 10 steps apart) and at its last step."""
+    """A tqdm bar on a terminal, advanced every step, its loss updated at each look; in a log file (stderr not a
+    terminal) one plain line at the first look 1/20 of the run (at least 10 steps) after the last, and at the end."""
 
     def __init__(self, total, initial, enabled):
         from tqdm.auto import tqdm
 
-        self.total, self.enabled = total, enabled
+        self.total, self.enabled, self.printed = total, enabled, initial
         self.every = max(10, total // 20)
         self.bar = tqdm(total=total, initial=initial, desc="steps") if enabled and sys.stderr.isatty() else None
 
-    def step(self, step, loss, lr, samples_per_s):
-        status = f"loss={loss:.4g} lr={lr:.2e} samples_s={samples_per_s:.1f}"
+    def advance(self):
         if self.bar is not None:
             self.bar.update(1)
+
+    def show(self, step, loss, lr, samples_per_s):
+        """The state at a look: mean loss since the last one, the learning rate, samples/s."""
+        status = f"loss={loss:.4g} lr={lr:.2e} samples_s={samples_per_s:.1f}"
+        if self.bar is not None:
             self.bar.set_postfix_str(status)
-        elif self.enabled and (step % self.every == 0 or step == self.total):
+        elif self.enabled and (step - self.printed >= self.every or step == self.total):
+            self.printed = step
             print(f"step {step}/{self.total}: {status}", flush=True)
 
     def close(self):
@@ -457,14 +512,19 @@ def resolve_max_train_steps(args, stream, num_processes):
 
 
 def make_optimizer(params, lr, args):
+    """AdamW: bitsandbytes' 8-bit one with --use_8bit_adam; else torch's fused kernel where the parameters' device
+    has one (CUDA, CPU, XPU, MPS: one kernel for all tensors, and a skipped update decided on the device), else
+    the foreach one."""
+    settings = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                    eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, **settings)
+    try:
+        return torch.optim.AdamW(params, fused=True, **settings)
+    except RuntimeError:  # "fused=True requires all the params to be floating point Tensors of supported devices"
+        return torch.optim.AdamW(params, foreach=True, **settings)
 
 
 def tracker_config(args):

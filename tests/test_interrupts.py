@@ -272,41 +272,75 @@ def test_the_last_step_is_checkpointed_extended_exactly_and_a_rerun_past_the_end
     assert file_hashes(out) == exported
 
 
-def test_non_finite_losses_skip_the_update_then_stop_the_run(assets, tmp_path, monkeypatch, capsys):
+def poison_losses(monkeypatch, bad):
+    """NaN losses on the lcd_loss calls listed in `bad` (counting from 0); returns the list of calls."""
     import lcm_utils.training as training
 
     real_loss, calls = training.lcd_loss, []
 
     def poisoned(*args, **kwargs):
-        """NaN on the calls listed in `bad` (counting from 0)."""
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) - 1 in bad else loss
 
     monkeypatch.setattr(training, "lcd_loss", poisoned)
+    return calls
+
+
+def optimizer_steps(checkpoint):
+    """Updates the optimizer really made (its step count) up to this checkpoint."""
+    state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)["state"]
+    return int(state[0]["step"])
+
+
+def test_non_finite_losses_skip_the_update_on_the_device(assets, tmp_path, monkeypatch, capsys):
+    """Steps 2 and 3 get NaN losses: their updates are skipped (weights, optimizer state and EMA target as after
+    step 1), the steps still count; the host learns of it at its next look (every step here: a checkpoint each)."""
     out = str(tmp_path / "out")
-    bad = {1, 2}
-    assert run_in_process(base_args(assets, out, max_train_steps=4, checkpointing_steps=1000)) == 0
+    calls = poison_losses(monkeypatch, {1, 2})
+    assert run_in_process(base_args(assets, out, max_train_steps=4, checkpointing_steps=1)) == 0
     text = capsys.readouterr().out
-    assert "step 2: non-finite loss, update skipped (1 in a row)" in text
-    assert "step 2: non-finite loss, update skipped (2 in a row)" in text
-    assert len(calls) == 6  # 4 updates + 2 skipped batches
+    assert "step 2: 1 non-finite loss, update skipped (1 in a row now)" in text
+    assert "step 3: 1 non-finite loss, update skipped (2 in a row now)" in text
+    assert len(calls) == 4
+    after_1, after_3 = (os.path.join(out, f"checkpoint-{n}") for n in (1, 3))
+    assert_same_weights(after_1, after_3)
+    assert [optimizer_steps(os.path.join(out, f"checkpoint-{n}")) for n in (1, 2, 3, 4)] == [1, 1, 1, 2]
     for sub in ("unet", "unet_target"):
         assert all(torch.isfinite(v).all() for v in weights(out, sub).values()), sub
-    assert all(torch.isfinite(v).all() for k, v in torch.load(
-        os.path.join(out, "checkpoint-4", "optimizer.pt"), weights_only=True)["state"][0].items()
-        if torch.is_tensor(v))
+        assert not all(torch.equal(a, b) for a, b in zip(weights(after_3, sub).values(),
+                                                         weights(out, sub).values())), sub
 
-    calls.clear()
-    out = str(tmp_path / "always")
-    bad = set(range(2, 100))
+
+def test_non_finite_losses_are_counted_at_the_next_look(assets, tmp_path, monkeypatch, capsys):
+    """With no checkpoint or log step in between, the skips are decided on the device and reported at the end."""
+    out = str(tmp_path / "out")
+    poison_losses(monkeypatch, {1, 2})
+    assert run_in_process(base_args(assets, out, max_train_steps=4, checkpointing_steps=1000,
+                                    logging_steps=10)) == 0
+    assert "steps 1-4: 2 non-finite losses, updates skipped (0 in a row now)" in capsys.readouterr().out
+    assert optimizer_steps(os.path.join(out, "checkpoint-4")) == 2
+
+
+@pytest.mark.parametrize("checkpointing_steps, kept", [(1, "checkpoint-4"), (1000, None)])
+def test_too_many_non_finite_losses_stop_the_run_naming_the_step(assets, tmp_path, monkeypatch, capsys,
+                                                                 checkpointing_steps, kept):
+    """From step 3 on every loss is NaN; the third in a row (step 5) stops the run, found at once (a look each
+    step) or at the end (no look before), and no checkpoint is written after it."""
+    out = str(tmp_path / "out")
+    poison_losses(monkeypatch, set(range(2, 100)))
     with pytest.raises(SystemExit) as info:
-        run_in_process(base_args(assets, out, max_train_steps=10, checkpointing_steps=1, max_nonfinite_steps=3))
+        run_in_process(base_args(assets, out, max_train_steps=10, checkpointing_steps=checkpointing_steps,
+                                 max_nonfinite_steps=3))
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: the loss was not finite for 3 steps in a row (step 3, --max_nonfinite_steps 3)")
-    assert f"the last checkpoint, {os.path.join(out, 'checkpoint-2')}, is kept" in err
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    assert err.startswith("error: the loss was not finite for 3 steps in a row (step 5, --max_nonfinite_steps 3)")
+    checkpoints = sorted(n for n in os.listdir(out) if n.startswith("checkpoint"))
+    if kept:
+        assert f"the last checkpoint, {os.path.join(out, kept)}, is kept" in err
+        assert checkpoints == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    else:
+        assert "no checkpoint was written" in err and checkpoints == []
 
 
 def test_fp16_on_cpu_is_refused_before_loading(assets, tmp_path, capsys):
