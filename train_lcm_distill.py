@@ -102,6 +102,11 @@ class FullDistillation(DistillationMethod):
     def default_validation_guidance(self, args):
         return args.w_min + 1  # the pipeline embeds guidance_scale - 1 = w_min, a value seen in training
 
+    def reference_guidance(self, args):
+        """The teacher at the grid's guidance: the student embeds w = guidance - 1, the teacher's CFG uses that w."""
+        g = args.validation_guidance_scale
+        return self.default_validation_guidance(args) if g is None else g
+
     validation_guidance_text = "w_min + 1, so the student's w-embedding gets w_min"
 
 

@@ -170,6 +170,11 @@ class LoraDistillation(DistillationMethod):
     def default_validation_guidance(self, args):
         return 1.0  # LCM-LoRA samples without CFG
 
+    def reference_guidance(self, args):
+        """The teacher at the middle of the trained range: an LCM-LoRA samples without CFG but was distilled from
+        the teacher with w ~ U[w_min, w_max]."""
+        return (args.w_min + args.w_max) / 2 + 1
+
     validation_guidance_text = "1.0, no CFG, as LCM-LoRA samples"
 
 

@@ -137,6 +137,15 @@ def build_teacher(out_dir, args, resolution):
     return out_dir
 
 
+def teacher_for(args, tmp):
+    """--teacher, else a teacher built in `tmp` from --sdxl_shape or the shape flags."""
+    if args.teacher:
+        return args.teacher
+    if args.sdxl_shape:
+        return build_sdxl_shaped_teacher(os.path.join(tmp, "teacher"))
+    return build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
+
+
 def worker(kind, train_args):
     """Run a few training steps of one configuration in this process; print its peak memory as JSON."""
     import torch
@@ -205,12 +214,7 @@ def main():
     from lcm_utils.tiny import build_image_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.teacher:
-            teacher = args.teacher
-        elif args.sdxl_shape:
-            teacher = build_sdxl_shaped_teacher(os.path.join(tmp, "teacher"))
-        else:
-            teacher = build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
+        teacher = teacher_for(args, tmp)
         images = build_image_folder(os.path.join(tmp, "images"), num_images=16, size=args.resolution)
         results = {}
         for kind in CONFIGS:

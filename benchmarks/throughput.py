@@ -28,13 +28,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_memory import add_shape_flags, build_sdxl_shaped_teacher, build_teacher, resolve_shape  # noqa: E402
+from lora_memory import add_shape_flags, resolve_shape, teacher_for  # noqa: E402
 
 # Row name -> (data, extra training flags). "images": shards of JPEGs encoded on the fly; "latents": precomputed.
 ROWS = {
     "on_the_fly": ("images", []),
     "precomputed": ("latents", []),
+    "precomputed_channels_last": ("latents", ["--channels_last"]),
+    "precomputed_torch_compile": ("latents", ["--torch_compile"]),
+    "precomputed_teacher_fp32": ("latents", ["--teacher_unet_fp32"]),  # differs only under mixed precision
+    "precomputed_log_every_step": ("latents", ["--logging_steps", "1"]),  # a host-device wait every step
 }
+DEFAULT_ROWS = ("on_the_fly", "precomputed", "precomputed_channels_last", "precomputed_log_every_step")
 
 
 def time_passes(method, inputs, autocast, repeats):
@@ -157,7 +162,8 @@ def main():
     parser.add_argument("--sdxl_shape", action="store_true",
                         help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
     parser.add_argument("--script", choices=("full", "lora"), default="full")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=tuple(ROWS))
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=tuple(ROWS),
+                        help="Rows to run (the first is the baseline of the 'vs' column).")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per row.")
@@ -170,12 +176,7 @@ def main():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.teacher:
-            teacher = args.teacher
-        elif args.sdxl_shape:
-            teacher = build_sdxl_shaped_teacher(os.path.join(tmp, "teacher"))
-        else:
-            teacher = build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
+        teacher = teacher_for(args, tmp)
         count = args.train_batch_size * (args.steps + 2)
         images = write_image_shards(os.path.join(tmp, "images"), count, args.resolution)
         data = {"images": images}

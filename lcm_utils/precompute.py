@@ -278,6 +278,9 @@ def precompute(args, family_cls):
         print(f"wrote {new} shard(s) ({samples} samples; skipped {_format_counts(counts)}), kept {kept} finished "
               f"before, in {args.output_dir}", flush=True)
         print(f"train with: --train_shards_path_or_url '{shard_pattern(paths)}'", flush=True)
+    if torch.distributed.is_initialized():  # a process group left to interpreter exit can abort the process
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return 0
 
 

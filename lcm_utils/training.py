@@ -6,6 +6,7 @@ What differs between full distillation and LCM-LoRA lives in a `DistillationMeth
 import argparse
 import glob
 import inspect
+import json
 import math
 import os
 import shutil
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config, validate
+from .config import (HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config,
+                     teacher_revision, validate)
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss
 from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
@@ -32,6 +34,9 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a bowl of fruit on a wooden table",
 ]
 SKIP_LOG_EVERY = 50  # optimizer steps between logged skipped-sample counts (they need a gather)
+REFERENCE_STEPS = 50  # the teacher's DDIM sampler that validation compares the student's samples with
+METRICS_FILE = "metrics.jsonl"  # under output_dir/validation: one line per validation
+REPORT_GRACE_S = 5  # how long other ranks wait after an error that rank 0 reports
 EXPORT_STATE = "exported.json"  # which run and step the exported weights in output_dir come from
 
 
@@ -95,6 +100,10 @@ class DistillationMethod:
 
     def default_validation_guidance(self, args):
         """guidance_scale of the validation grid when --validation_guidance_scale is unset."""
+        raise NotImplementedError
+
+    def reference_guidance(self, args):
+        """guidance_scale of the teacher's samples that validation measures the student against."""
         raise NotImplementedError
 
     validation_guidance_text = ""  # that default, in words, for --help
@@ -200,6 +209,9 @@ def report(error, every_rank=False):
         print(f"error: [rank {rank}] {error}", file=sys.stderr, flush=True)
     elif rank == "0":
         print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        # The launcher stops every rank when the first one exits: let the first process say why, and exit first.
+        time.sleep(REPORT_GRACE_S)
 
 
 def dry_run(args):
@@ -627,35 +639,71 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     return state["global_step"]
 
 
+def teacher_scheduler(teacher, scheduler_cls, **overrides):
+    """A scheduler of `scheduler_cls` on the teacher's schedule, with `overrides`."""
+    # Only the keys the class takes (SDXL ships an Euler config whose sigma options LCM would warn about), and
+    # only those the teacher's file set: the DDPMScheduler that loaded it filled in its own defaults, such as
+    # clip_sample=True, which would make sampling clip the latents to [-1, 1].
+    config = teacher.noise_scheduler.config
+    accepted = set(inspect.signature(scheduler_cls.__init__).parameters) - set(config.get("_use_default_values", ()))
+    return scheduler_cls.from_config({k: v for k, v in config.items() if k in accepted}, **overrides)
+
+
 def lcm_scheduler(teacher, args):
     """The LCMScheduler a user should sample with: the teacher's schedule plus this run's LCM settings."""
     from diffusers import LCMScheduler
 
-    # Only the keys LCMScheduler takes (SDXL ships an Euler config whose sigma options it would warn about), and
-    # only those the teacher's file set: the DDPMScheduler that loaded it filled in its own defaults, such as
-    # clip_sample=True, which would make LCM sampling clip the latents to [-1, 1].
-    config = teacher.noise_scheduler.config
-    accepted = set(inspect.signature(LCMScheduler.__init__).parameters) - set(config.get("_use_default_values", ()))
-    config = {k: v for k, v in config.items() if k in accepted}
-    return LCMScheduler.from_config(config, timestep_scaling=args.timestep_scaling_factor,
-                                    original_inference_steps=args.num_ddim_timesteps)
+    return teacher_scheduler(teacher, LCMScheduler, timestep_scaling=args.timestep_scaling_factor,
+                             original_inference_steps=args.num_ddim_timesteps)
 
 
 def export_scheduler(teacher, args, output_dir):
     lcm_scheduler(teacher, args).save_pretrained(os.path.join(output_dir, "scheduler"))
 
 
+def autocast_for(run):
+    """torch's own autocast in the run's low precision: accelerate's does nothing under DeepSpeed, and a pipeline's
+    text encoders (low precision) and fresh UNet (fp32) must still meet."""
+    return torch.autocast(run.accelerator.device.type, dtype=run.weight_dtype,
+                          enabled=run.weight_dtype != torch.float32)
+
+
+@torch.no_grad()
+def teacher_references(run, teacher, prompts, guidance):
+    """The teacher's own samples [1, C, h, w] of the validation prompts from the grid's seeds: DDIM with
+    REFERENCE_STEPS steps and CFG at `guidance`, on a fresh copy of its UNet (the one in training may be cast or
+    carry adapters). Computed once per run: the teacher is frozen."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    args, device = run.args, run.accelerator.device
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
+                                                revision=teacher_revision(args), cache_dir=args.cache_dir)
+    pipe = teacher.pipeline(unet.to(device).eval(), teacher_scheduler(teacher, DDIMScheduler))
+    references = []
+    for i, prompt in enumerate(prompts):
+        with autocast_for(run):
+            references.append(pipe(prompt, num_inference_steps=REFERENCE_STEPS, guidance_scale=guidance,
+                                   height=args.resolution, width=args.resolution, output_type="latent",
+                                   generator=torch.Generator(device="cpu").manual_seed(args.seed + i)).images.float())
+    return references
+
+
 @torch.no_grad()
 def run_validation(run, teacher, step):
-    """Sample the validation prompts at each LCM step count from fixed seeds; save and log one PNG grid."""
+    """Sample the validation prompts at each LCM step count from fixed seeds; save and log one PNG grid, and the
+    latent RMS distance of each sample to the teacher's own sample of the same prompt and noise (per step count,
+    the mean over prompts: how close the few-step student lands to where the teacher's sampler ends)."""
     acc, args = run.accelerator, run.args
     if acc.is_main_process:
         prompts = args.validation_prompts or DEFAULT_VALIDATION_PROMPTS
         guidance = args.validation_guidance_scale
         if guidance is None:
             guidance = run.method.default_validation_guidance(args)
+        distances = {n: [] for n in args.validation_inference_steps}
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp, \
                 teacher.encoders_on(acc.device):
+            if getattr(run, "references", None) is None:
+                run.references = teacher_references(run, teacher, prompts, run.method.reference_guidance(args))
             pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device)
             rows, columns = [], [f"{n} step{'s' if n > 1 else ''}, g {guidance:g}"
                                  for n in args.validation_inference_steps]
@@ -663,13 +711,11 @@ def run_validation(run, teacher, step):
                 row = []
                 for steps in args.validation_inference_steps:
                     gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
-                    # torch's own autocast: accelerate's does nothing under DeepSpeed, and the pipeline's text
-                    # encoders (low precision) and fresh UNet (fp32) must still meet.
-                    with torch.autocast(acc.device.type, dtype=run.weight_dtype,
-                                        enabled=run.weight_dtype != torch.float32):
+                    with autocast_for(run):
                         latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                        height=args.resolution, width=args.resolution, generator=gen,
                                        output_type="latent").images
+                    distances[steps].append((latents.float() - run.references[i]).square().mean().sqrt().item())
                     # Decoded outside autocast, in the VAE's own dtype: SDXL's VAE overflows in fp16.
                     row.append((decode_to_array(pipe, latents)[0] * 255).round().astype(np.uint8))
                 rows.append(row)
@@ -677,7 +723,28 @@ def run_validation(run, teacher, step):
         grid = np.asarray(labelled_grid(rows, prompts, columns))
         save_grid(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
         log_grid(acc, grid, step)
+        metrics = {n: float(np.mean(d)) for n, d in distances.items()}
+        acc.log({f"validation/teacher_rmse_{n}_steps": value for n, value in metrics.items()}, step=step)
+        record_validation_metrics(args.output_dir, step, metrics, guidance, run.method.reference_guidance(args))
     acc.wait_for_everyone()
+
+
+def record_validation_metrics(output_dir, step, metrics, guidance, reference_guidance):
+    """Append this validation's metrics to validation/metrics.jsonl (the model card shows the last line)."""
+    line = {"step": step, "guidance_scale": guidance, "reference": f"teacher DDIM {REFERENCE_STEPS} steps, "
+            f"guidance {reference_guidance:g}", "teacher_rmse": {str(n): v for n, v in metrics.items()}}
+    with open(os.path.join(output_dir, "validation", METRICS_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def last_validation_metrics(output_dir):
+    """The last line of validation/metrics.jsonl, or None."""
+    try:
+        with open(os.path.join(output_dir, "validation", METRICS_FILE)) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
 
 
 def stock_pipeline(teacher, unet, args):
@@ -796,6 +863,14 @@ def write_model_card(args, usage, step, method, family):
     grids = sorted(glob.glob(os.path.join(args.output_dir, "validation", "step-*.png")))
     grid = (f"\n![validation grid at step {int(os.path.basename(grids[-1])[5:-4])}: one row per prompt, one column "
             f"per LCM step count](validation/{os.path.basename(grids[-1])})\n") if grids else ""
+    metrics = last_validation_metrics(args.output_dir)
+    if metrics:
+        distances = metrics["teacher_rmse"]
+        header, values = " | ".join(distances), " | ".join(f"{v:.4f}" for v in distances.values())
+        grid += (f"\nAt the last validation (step {metrics['step']}, guidance_scale {metrics['guidance_scale']:g}), "
+                 f"the latent RMS distance of each sample to the {metrics['reference']} sample of the same prompt "
+                 f"and noise, averaged over the validation prompts (lower is closer to the teacher):\n\n"
+                 f"| LCM steps | {header} |\n| --- |{' ---: |' * len(distances)}\n| distance | {values} |\n")
     text = f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---

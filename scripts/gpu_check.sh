@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
-# teacher, the same for SDXL in fp16 on a tiny SDXL teacher (full and LoRA, sampled by scripts/sample.py), then the
-# two benchmarks at Stable Diffusion 1.5's shapes and the memory/speed benchmark at SDXL's
+# teacher, the same for SDXL in fp16 on a tiny SDXL teacher (full and LoRA, sampled by scripts/sample.py), the step
+# under PyTorch's sync debug mode (scripts/sync_check.py), then the
+# three benchmarks (teacher batching, throughput, memory) at Stable Diffusion 1.5's shapes and the memory/speed one at SDXL's
 # shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
 # saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out).
 #
@@ -18,7 +19,7 @@ OUT=${OUT:?set OUT to the folder for the log and images}
 mkdir -p "$OUT"
 export ROOT=$PWD W=${GPU_CHECK_WORK:-/tmp/gpu_check} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 OUT
-BUDGET=${GPU_CHECK_BUDGET:-540}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
+BUDGET=${GPU_CHECK_BUDGET:-600}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
 DEADLINE=$((SECONDS + BUDGET))
 
 step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print PASS/FAIL, never stop the script
@@ -285,8 +286,38 @@ s_batching() {
             --dtype fp16
     fi 2>&1 | tee "$W/batching.log"
 }
+# The step with PyTorch's sync debug mode "error": the host must not wait for the GPU inside a step (only at the
+# looks every --logging_steps, checkpoints and validation), from a precomputed shard set, full and LoRA.
+s_sync() {
+    rm -rf "$W/sync_latents" "$W/sync_full" "$W/sync_lora"
+    [ "$HAS_CUDA" = 1 ] || { echo "no CUDA: nothing to watch"; return 0; }
+    python3 -m lcm_utils.precompute --pretrained_teacher_model "$W/teacher" \
+        --train_shards_path_or_url "$W/shards/{00000..00003}.tar" --resolution 16 --output_dir "$W/sync_latents" \
+        --mixed_precision fp16 || return 1
+    local flags=(--pretrained_teacher_model "$W/teacher" --resolution 16 --train_batch_size 4 --max_train_steps 12
+                 --train_shards_path_or_url "$W/sync_latents/latents-{000000..000003}.tar" --logging_steps 5
+                 --checkpointing_steps 6 --validation_steps 12 --validation_inference_steps 1 2
+                 --validation_prompts "a red square" --mixed_precision fp16 --report_to none --dataloader_num_workers 2)
+    python3 scripts/sync_check.py train_lcm_distill.py "${flags[@]}" --output_dir "$W/sync_full" || return 1
+    python3 scripts/sync_check.py train_lcm_lora.py "${flags[@]}" --output_dir "$W/sync_lora" --lora_rank 4
+}
+
+# Throughput against the step's irreducible UNet passes at SD 1.5's shapes (512 px, fp16, batch 8): images on
+# the fly, precomputed shards, compiled, and a host-device wait every step.
+s_throughput() {
+    if [ "$SMALL" = 1 ]; then
+        python3 benchmarks/throughput.py --unet_channels 32,64 --layers_per_block 1 --cross_attention_dim 64 \
+            --vae_channels 32,32,32,32 --resolution 64 --train_batch_size 2 --steps 5 --warmup 2 --repeats 1 \
+            --rows on_the_fly precomputed precomputed_log_every_step --json "$OUT/throughput.json"
+    else
+        python3 benchmarks/throughput.py --sd15_shape --resolution 512 --train_batch_size 8 --mixed_precision fp16 \
+            --steps 14 --warmup 5 --repeats 5 --dataloader_num_workers 4 --json "$OUT/throughput.json" \
+            --rows on_the_fly precomputed precomputed_channels_last precomputed_torch_compile precomputed_teacher_fp32 \
+                precomputed_log_every_step
+    fi 2>&1 | tee "$W/throughput.log"
+}
 export -f step launch tiny_flags train_and_resume s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16
+    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16 s_sync s_throughput
 
 main() {
     RESULTS=()
@@ -308,6 +339,7 @@ main() {
     # The throughput benchmark runs alone first. The memory benchmark measures per-process peaks (CUDA peak
     # allocation), so it runs in the background beside the training checks.
     step teacher_batching 90 s_batching
+    step throughput 240 s_throughput
     ( RESULTS=(); step lora_memory 180 s_lora_memory > "$W/lora_memory.log" 2>&1
       [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || step sdxl_memory 420 s_sdxl_memory >> "$W/lora_memory.log" 2>&1
       printf '%s\n' "${RESULTS[@]}" > "$W/lora_memory.result" ) &
@@ -320,6 +352,7 @@ main() {
     step losses_finite 30 s_losses
     step sample_stock_pipelines 60 s_sample
     step sdxl_fp16_train+sample 120 s_sdxl_fp16
+    step sync_free_step 90 s_sync
     for pair in full_fp16:25 full_bf16:25 lora_fp16:20; do
         local src=$W/${pair%%:*}/validation/step-0000${pair##*:}.png
         [ -f "$src" ] && cp "$src" "$OUT/val_${pair%%:*}.png"
@@ -336,6 +369,7 @@ main() {
     echo "=== figures"
     grep -A4 "^UNet parameters" "$W/lora_memory.log" || echo "(no lora_memory tables)"
     grep -A3 "^device " "$W/batching.log" 2>/dev/null || echo "(no teacher_batching figures)"
+    grep -A9 " script; UNet" "$W/throughput.log" 2>/dev/null || echo "(no throughput table)"
     echo "=== summary (total ${SECONDS}s, HAS_CUDA=$HAS_CUDA, SMALL=$SMALL)"
     printf '%s\n' "${RESULTS[@]}"
     ls -la "$OUT"
