@@ -16,7 +16,8 @@ from lcm_utils.checkpoint import load_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update, guidance_embedding
 from lcm_utils.teacher import build_student
-from lcm_utils.training import DistillationMethod, in_dtype, main, pretrained_parts, stock_pipeline, vae_import
+from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
+                                vae_import)
 
 class FullDistillation(DistillationMethod):
     name = "full LCM distillation"
@@ -78,16 +79,18 @@ class FullDistillation(DistillationMethod):
     def export(self, output_dir):
         self.save_state(output_dir)
         pipeline, guidance = self.family.pipeline_class_name, self.args.w_min + 1
+        scheduler, extra, steps = sampler_usage(self.args)
         also = ("\n\n`LatentConsistencyModelPipeline` loads it the same way." if pipeline == "StableDiffusionPipeline"
-                else "")
+                and scheduler == "LCMScheduler" else "")
         return (
             "Use `unet/` (the online student; `unet_target/` is its EMA, often a little smoother):\n\n"
             "```python\n"
-            f"from diffusers import {vae_import(self.args)}LCMScheduler, {pipeline}, UNet2DConditionModel\n"
+            f"from diffusers import {vae_import(self.args)}{scheduler}, {pipeline}, UNet2DConditionModel\n"
             f'unet = UNet2DConditionModel.from_pretrained("{output_dir}", subfolder="unet")\n'
-            f'scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
+            f'scheduler = {scheduler}.from_pretrained("{output_dir}", subfolder="scheduler")\n'
             f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args)}, unet=unet, scheduler=scheduler)\n"
-            f'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={guidance:g}).images[0]\n'
+            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={guidance:g}{extra})'
+            '.images[0]\n'
             f"```{also}\n\nThe student takes the guidance w as an input (no CFG pass at sampling); diffusers' "
             f"pipelines feed it as `guidance_scale = w + 1`, so guidance_scale {self.args.w_min + 1:g} to "
             f"{self.args.w_max + 1:g} is the trained range."

@@ -17,7 +17,8 @@ import torch
 from lcm_utils.checkpoint import load_tensors, save_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update
-from lcm_utils.training import DistillationMethod, in_dtype, main, pretrained_parts, stock_pipeline, vae_import
+from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
+                                vae_import)
 
 # Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
 DEFAULT_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
@@ -138,19 +139,19 @@ class LoraDistillation(DistillationMethod):
 
     def export(self, output_dir):
         self.save_lora(output_dir)
-        usage_ema = ""
+        usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.args)
         if self.ema is not None:
             self.save_lora(os.path.join(output_dir, "ema"), self.ema)
             usage_ema = " `ema/` holds the EMA of the adapters, loadable the same way."
         return (
             f"Use `{LORA_WEIGHTS}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
             "```python\n"
-            f"from diffusers import {vae_import(self.args)}LCMScheduler, {self.family.pipeline_class_name}\n"
+            f"from diffusers import {vae_import(self.args)}{scheduler}, {self.family.pipeline_class_name}\n"
             f"pipe = {self.family.pipeline_class_name}.from_pretrained({pretrained_parts(self.args)})\n"
-            f'pipe.scheduler = LCMScheduler.from_pretrained("{output_dir}", subfolder="scheduler")\n'
+            f'pipe.scheduler = {scheduler}.from_pretrained("{output_dir}", subfolder="scheduler")\n'
             f'pipe.load_lora_weights("{output_dir}")\n'
             "pipe.fuse_lora()  # optional: merge the adapters into the UNet\n"
-            'image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]\n'
+            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0{extra}).images[0]\n'
             "```\n\nThe LoRA has no w-embedding: guidance_scale 1.0 (no CFG) is the usual choice; values in "
             "1-2 add real CFG at twice the cost per step."
         )

@@ -148,6 +148,15 @@ def add_training_flags(parser):
     g.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss.")
     g.add_argument("--timestep_scaling_factor", type=float, default=10.0,
                    help="Scales t in the boundary scalings c_skip/c_out; exported into the LCMScheduler config.")
+    g.add_argument("--objective", type=str, default="lcm", choices=("lcm", "tcd", "pcm"),
+                   help="Where both consistency predictions map to: lcm, the trajectory's origin (LCMScheduler); "
+                        "tcd, a point drawn below the solver's end (TCDScheduler with --tcd_gamma); pcm, the edge of "
+                        "the phase (--num_phases; TCDScheduler with gamma 0, --num_phases steps).")
+    g.add_argument("--num_phases", type=int, default=4,
+                   help="pcm: phases of the trajectory = the sampling steps the student is made for.")
+    g.add_argument("--tcd_gamma", type=float, default=0.3,
+                   help="tcd: gamma (diffusers' eta) of TCDScheduler's stochastic sampling, for the validation grid "
+                        "and the model card.")
 
     g = parser.add_argument_group("checkpoints, validation, logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -357,6 +366,11 @@ def validate(args):
         raise ConfigError("--lr_warmup_steps and --max_grad_norm must be >= 0")
     if args.w_min < 0 or args.w_min > args.w_max:
         raise ConfigError(f"--w_min ({args.w_min}) must be >= 0 and <= --w_max ({args.w_max})")
+    if not 1 <= args.num_phases <= args.num_ddim_timesteps:
+        raise ConfigError(f"--num_phases must be in 1..{args.num_ddim_timesteps} (--num_ddim_timesteps), "
+                          f"got {args.num_phases}")
+    if not 0.0 <= args.tcd_gamma <= 1.0:
+        raise ConfigError(f"--tcd_gamma must be in [0, 1], got {args.tcd_gamma}")
     if args.max_train_steps is None and args.train_shards_path_or_url and args.max_train_samples is None:
         raise ConfigError("--max_train_steps is required with webdataset shards unless --max_train_samples "
                           "sets the epoch length")

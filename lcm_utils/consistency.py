@@ -5,6 +5,10 @@ References (cited in the docstrings):
   CM    Song et al. 2023, "Consistency Models", arXiv 2303.01469 (boundary condition, §3 / Appendix C).
   iCT   Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models", arXiv 2310.14189 (§3.3).
   DDIM  Song et al. 2020, "Denoising Diffusion Implicit Models", arXiv 2010.02502 (eq. 12).
+  TCD   Zheng et al. 2024, "Trajectory Consistency Distillation", arXiv 2402.19159 (the first-order trajectory
+        consistency function; the target point s drawn below the solver's end).
+  PCM   Wang et al. 2024, "Phased Consistency Models", arXiv 2405.18407 (consistency within phases, to the
+        phase edge).
 
 Conventions: T = num_train_timesteps, N = num_ddim_timesteps, k = T // N, acp = alphas_cumprod [T],
 alpha_t = sqrt(acp[t]), sigma_t = sqrt(1 - acp[t]), so z_t = alpha_t * x0 + sigma_t * eps.
@@ -19,8 +23,8 @@ import torch.nn.functional as F
 __all__ = [
     "ddim_timesteps", "skip_size", "sample_timestep_pairs", "append_dims", "alpha_sigma",
     "boundary_scalings", "PREDICTION_TYPES", "predicted_x0", "predicted_eps", "guidance_embedding",
-    "cfg_combine", "ddim_step", "consistency_output", "l2_loss", "pseudo_huber_loss", "LOSSES",
-    "ema_update",
+    "cfg_combine", "ddim_step", "consistency_output", "trajectory_consistency", "sample_trajectory_points",
+    "phase_edges", "phase_edge", "l2_loss", "pseudo_huber_loss", "LOSSES", "ema_update",
 ]
 
 
@@ -228,6 +232,53 @@ def consistency_output(
 # ---------------------------------------------------------------------------------------------
 # Losses: d(., .) of LCM Algorithm 1; same signature so the loop picks one by name from LOSSES
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond LCM: consistency to an earlier point s of the trajectory (TCD, PCM)
+# ---------------------------------------------------------------------------------------------
+
+def trajectory_consistency(
+    model_output: torch.Tensor, z_t: torch.Tensor, t: torch.LongTensor, s: torch.LongTensor,
+    alphas_cumprod: torch.Tensor, prediction_type: str,
+) -> torch.Tensor:
+    """f_theta(z_t, t, s) = alpha_s x0 + sigma_s eps, (x0, eps) from the output at t: the first-order trajectory
+    consistency function (TCD; PCM with its phase edge as s).
+    A DDIM jump from t to any s <= t; at s = t it is z_t itself, the boundary condition without c_skip/c_out."""
+    alpha, sigma = alpha_sigma(alphas_cumprod, t, z_t.ndim)
+    x0 = predicted_x0(model_output, z_t, alpha, sigma, prediction_type)
+    eps = predicted_eps(model_output, z_t, alpha, sigma, prediction_type)
+    return ddim_step(x0, eps, alphas_cumprod, s)
+
+
+def sample_trajectory_points(
+    grid: torch.LongTensor, end: torch.LongTensor, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """TCD's target point s ~ U{t_0 = 0, t_1, ..., t_n}: a DDIM grid point at or below the solver's end t_n (or 0),
+    m ~ U[0, n] (TCD): [N], [B] -> [B]."""
+    device = generator.device if generator is not None else grid.device
+    below = (grid.unsqueeze(0) <= end.unsqueeze(1)).sum(dim=1)  # [B]: grid points t_1..t_n at or below t_n
+    u = torch.rand(end.shape, generator=generator, device=device).to(grid.device)
+    m = (u * (below + 1).float()).long().clamp(max=below)  # U{0..n}
+    return torch.where(m == 0, torch.zeros_like(end), grid[(m - 1).clamp(min=0)])
+
+
+def phase_edges(grid: torch.LongTensor, num_phases: int) -> torch.LongTensor:
+    """PCM's phase edges [num_phases], ascending, 0 first: where an M-step sampler stops. They are the
+    timesteps diffusers' TCDScheduler visits with M inference steps on this grid (evenly spaced indices into the
+    descending grid), less the first, plus 0, so a PCM student samples exactly edge to edge with it (gamma 0)."""
+    if not 1 <= num_phases <= len(grid):
+        raise ValueError(f"num_phases must be in 1..{len(grid)} (the DDIM grid), got {num_phases}")
+    descending = grid.flip(0)
+    visited = descending[(torch.arange(num_phases, dtype=torch.float64) * len(grid) / num_phases).floor().long()]
+    return torch.cat([visited[1:], torch.zeros(1, dtype=grid.dtype)]).flip(0)
+
+
+def phase_edge(t: torch.LongTensor, edges: torch.LongTensor) -> torch.LongTensor:
+    """The edge a PCM student maps t to: the largest phase edge below t (t on the grid, so t > 0): [B] -> [B]."""
+    index = torch.searchsorted(edges.to(t.device), t, right=False) - 1
+    return edges.to(t.device)[index.clamp(min=0)]
+
 
 def l2_loss(pred: torch.Tensor, target: torch.Tensor, huber_c: float | None = None) -> torch.Tensor:
     """Mean squared error, the L2 choice of d(., .) in LCM Algorithm 1, in float32: scalar. huber_c is ignored."""

@@ -20,10 +20,14 @@ from .consistency import (
     consistency_output,
     ddim_step,
     ddim_timesteps,
+    phase_edge,
+    phase_edges,
     predicted_eps,
     predicted_x0,
     sample_timestep_pairs,
+    sample_trajectory_points,
     skip_size,
+    trajectory_consistency,
 )
 
 
@@ -52,6 +56,50 @@ class SolverSchedule:
         return consistency_output(z, x0, c_skip, c_out)
 
 
+class LCM:
+    """Latent consistency (LCM): every point of the trajectory maps to its origin, through c_skip/c_out."""
+
+    name = "lcm"
+
+    def target_points(self, start, end, schedule, generator):
+        """The s every prediction of this pair maps to: none, the origin is implied (and nothing is drawn)."""
+        return None
+
+    def consistency(self, schedule, raw_output, z, t, s):
+        return schedule.f_theta(raw_output, z, t)
+
+
+class TCD(LCM):
+    """Trajectory consistency (TCD): both predictions map to a point s drawn at or below the solver's end; sampled
+    with TCDScheduler and its gamma."""
+
+    name = "tcd"
+
+    def target_points(self, start, end, schedule, generator):
+        return sample_trajectory_points(schedule.grid, end, generator)
+
+    def consistency(self, schedule, raw_output, z, t, s):
+        return trajectory_consistency(raw_output.float(), z, t, s, schedule.alphas_cumprod, schedule.prediction_type)
+
+
+class PCM(TCD):
+    """Phased consistency (PCM): the trajectory cut into phases at the edges an M-step sampler visits; both
+    predictions map to the edge below the start, so M steps walk the teacher's ODE edge to edge."""
+
+    name = "pcm"
+
+    def __init__(self, num_phases):
+        self.num_phases = num_phases
+
+    def target_points(self, start, end, schedule, generator):
+        return phase_edge(start, phase_edges(schedule.grid.cpu(), self.num_phases))
+
+
+def make_objective(name, num_phases=4):
+    """The objective of --objective (lcm, tcd, pcm)."""
+    return {"lcm": LCM, "tcd": TCD, "pcm": lambda: PCM(num_phases)}[name]()
+
+
 def stack_conditions(cond, uncond):
     """Concatenate two condition dicts (possibly nested) on the batch axis: [cond; uncond]."""
     if isinstance(cond, dict):
@@ -59,8 +107,10 @@ def stack_conditions(cond, uncond):
     return torch.cat([cond, uncond.expand_as(cond)])
 
 
-def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type, huber_c, generator):
-    """Latent consistency distillation loss for one batch. z0: [B, C, h, w] scaled latents; w: [B] guidance."""
+def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type, huber_c, generator, objective=None):
+    """Latent consistency distillation loss for one batch. z0: [B, C, h, w] scaled latents; w: [B] guidance.
+    objective: LCM (default), TCD or PCM: where on the trajectory both predictions map to."""
+    objective = objective or LCM()
     # 1. Sample a DDIM interval: start s = t_{n+k} on the grid, end t = t_n = max(s - k, 0).
     start, end = sample_timestep_pairs(schedule.grid, schedule.k, z0.shape[0], generator)
 
@@ -69,8 +119,9 @@ def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type,
     alpha_s, sigma_s = alpha_sigma(schedule.alphas_cumprod, start, z0.ndim)
     z_start = alpha_s * z0 + sigma_s * noise
 
-    # 3. Online consistency prediction f_theta(z_s, w, c, s).
-    pred = schedule.f_theta(student(z_start, start, cond, w), z_start, start)
+    # 3. Online consistency prediction f_theta(z_s, w, c, s), to the objective's target point (LCM: the origin).
+    point = objective.target_points(start, end, schedule, generator)
+    pred = objective.consistency(schedule, student(z_start, start, cond, w), z_start, start, point)
 
     with torch.no_grad():
         # 4. Teacher: one batched cond+uncond forward, CFG with w (LCM eq. 12), DDIM step (eta 0) s -> t.
@@ -82,8 +133,8 @@ def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type,
                                   predicted_eps(out_uncond, z_start, alpha_s, sigma_s, schedule.prediction_type), w)
         z_end = ddim_step(x0_teacher, eps_teacher, schedule.alphas_cumprod, end)
 
-        # 5. Target consistency prediction f_theta-(z_t, w, c, t).
-        target_pred = schedule.f_theta(target(z_end, end, cond, w), z_end, end)
+        # 5. Target consistency prediction f_theta-(z_t, w, c, t), to the same point.
+        target_pred = objective.consistency(schedule, target(z_end, end, cond, w), z_end, end, point)
 
     # 6. Consistency distance d(pred, target): L2 or pseudo-Huber.
     return LOSSES[loss_type](pred.float(), target_pred.float(), huber_c)

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .config import (HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config,
                      teacher_revision, validate)
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
-from .objective import SolverSchedule, lcd_loss
+from .objective import SolverSchedule, lcd_loss, make_objective
 from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid
 from .latents import check_precomputed, sample_latents
@@ -321,6 +321,7 @@ def train_loop(run, stop):
     schedule = SolverSchedule.from_scheduler(teacher.noise_scheduler, args.num_ddim_timesteps,
                                              args.timestep_scaling_factor, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
+    objective = make_objective(args.objective, args.num_phases)
 
     global_step = resume(run, optimizer, lr_scheduler, stream, generator)
     saved_step = global_step if global_step else None  # the step of the newest complete checkpoint
@@ -373,7 +374,7 @@ def train_loop(run, stop):
                 z0.shape[0], generator=generator, device=generator.device)
             with acc.autocast():
                 loss = lcd_loss(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
-                                method.target_forward, schedule, args.loss_type, args.huber_c, generator)
+                                method.target_forward, schedule, args.loss_type, args.huber_c, generator, objective)
             acc.backward(loss)
             health.observe(loss)
             if acc.sync_gradients:
@@ -657,8 +658,32 @@ def lcm_scheduler(teacher, args):
                              original_inference_steps=args.num_ddim_timesteps)
 
 
+def sampling_scheduler(teacher, args):
+    """The scheduler a user should sample this run's student with: LCMScheduler for --objective lcm, else
+    TCDScheduler (TCD's strategic stochastic sampling; with gamma 0 and --num_phases steps it walks a PCM
+    student's phase edges), with the run's DDIM grid."""
+    from diffusers import TCDScheduler
+
+    if args.objective == "lcm":
+        return lcm_scheduler(teacher, args)
+    return teacher_scheduler(teacher, TCDScheduler, original_inference_steps=args.num_ddim_timesteps)
+
+
+def sampling_kwargs(objective, tcd_gamma):
+    """Pipeline call arguments of the sampler: TCDScheduler's gamma is the pipelines' `eta`."""
+    return {"tcd": {"eta": tcd_gamma}, "pcm": {"eta": 0.0}}.get(objective, {})
+
+
+def sampler_usage(args):
+    """(scheduler class, extra call arguments as text, a good step count) for the model card's snippet."""
+    if args.objective == "lcm":
+        return "LCMScheduler", "", 4
+    eta = sampling_kwargs(args.objective, args.tcd_gamma)["eta"]
+    return "TCDScheduler", f", eta={eta:g}", args.num_phases if args.objective == "pcm" else 4
+
+
 def export_scheduler(teacher, args, output_dir):
-    lcm_scheduler(teacher, args).save_pretrained(os.path.join(output_dir, "scheduler"))
+    sampling_scheduler(teacher, args).save_pretrained(os.path.join(output_dir, "scheduler"))
 
 
 def autocast_for(run):
@@ -700,6 +725,7 @@ def run_validation(run, teacher, step):
         if guidance is None:
             guidance = run.method.default_validation_guidance(args)
         distances = {n: [] for n in args.validation_inference_steps}
+        sampler = sampling_kwargs(args.objective, args.tcd_gamma)
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp, \
                 teacher.encoders_on(acc.device):
             if getattr(run, "references", None) is None:
@@ -714,7 +740,7 @@ def run_validation(run, teacher, step):
                     with autocast_for(run):
                         latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                        height=args.resolution, width=args.resolution, generator=gen,
-                                       output_type="latent").images
+                                       output_type="latent", **sampler).images
                     distances[steps].append((latents.float() - run.references[i]).square().mean().sqrt().item())
                     # Decoded outside autocast, in the VAE's own dtype: SDXL's VAE overflows in fp16.
                     row.append((decode_to_array(pipe, latents)[0] * 255).round().astype(np.uint8))
@@ -749,8 +775,8 @@ def last_validation_metrics(output_dir):
 
 def stock_pipeline(teacher, unet, args):
     """The teacher family's stock pipeline (SD or SDXL) from the loaded teacher parts, the given UNet and this
-    run's LCMScheduler."""
-    return teacher.pipeline(unet, lcm_scheduler(teacher, args))
+    run's sampling scheduler."""
+    return teacher.pipeline(unet, sampling_scheduler(teacher, args))
 
 
 def save_grid(grid, path):
@@ -849,14 +875,33 @@ def vae_import(args):
     return "AutoencoderKL, " if args.pretrained_vae_model_name_or_path else ""
 
 
+OBJECTIVE_NAMES = {"lcm": "latent consistency distillation (LCM)",
+                   "tcd": "trajectory consistency distillation (TCD, arXiv 2402.19159)",
+                   "pcm": "phased consistency distillation (PCM, arXiv 2405.18407)"}
+
+
+def sampling_note(args):
+    """How to sample, per objective, for the model card."""
+    if args.objective == "lcm":
+        return ("Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and "
+                "`original_inference_steps` match this training run).")
+    if args.objective == "tcd":
+        return (f"Sample with 2-8 steps and the `TCDScheduler` saved in `scheduler/`, passing its gamma as `eta` "
+                f"({args.tcd_gamma:g} in training's validation; 0 is deterministic, higher adds detail-refreshing "
+                f"noise at each step).")
+    return (f"Sample with {args.num_phases} steps (its {args.num_phases} phases) and the `TCDScheduler` saved in "
+            f"`scheduler/` with `eta=0`: each step then maps one phase edge to the next along the teacher's ODE.")
+
+
 def write_model_card(args, usage, step, method, family):
     """README.md with the Hub's model-card metadata (library, base model, tags, pipeline), the usage, and the
     newest validation grid."""
     import yaml
 
     lora = "lora" in method.name.lower()
-    tags = ["lcm", "latent-consistency-distillation", "text-to-image",
-            "stable-diffusion-xl" if family.name == "SDXL" else "stable-diffusion"] + (["lora", "lcm-lora"] if lora else [])
+    tags = (["lcm", "latent-consistency-distillation"] + ([args.objective] if args.objective != "lcm" else [])
+            + ["text-to-image", "stable-diffusion-xl" if family.name == "SDXL" else "stable-diffusion"]
+            + (["lora", "lcm-lora"] if lora else []))
     metadata = {"library_name": "diffusers", "tags": tags, "pipeline_tag": "text-to-image", "inference": True}
     if HUB_ID.match(args.pretrained_teacher_model) and not os.path.isdir(args.pretrained_teacher_model):
         metadata["base_model"] = args.pretrained_teacher_model  # the Hub wants an id here, never a local path
@@ -875,15 +920,14 @@ def write_model_card(args, usage, step, method, family):
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
 
-# {"LCM-LoRA" if lora else "LCM-distilled"} {family.name} model
+# {args.objective.upper()}{"-LoRA" if lora else "-distilled"} {family.name} model
 
-Distilled from `{args.pretrained_teacher_model}` by latent consistency distillation for {step} steps
+Distilled from `{args.pretrained_teacher_model}` by {OBJECTIVE_NAMES[args.objective]} for {step} steps
 (w ~ U[{args.w_min}, {args.w_max}], N = {args.num_ddim_timesteps} DDIM steps, {args.loss_type} loss).
 {grid}
 {usage}
 
-Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and
-`original_inference_steps` match this training run).
+{sampling_note(args)}
 
 The resolved training configuration is in `training_config.yaml`.
 """

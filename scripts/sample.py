@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Sample a distilled model (full or LoRA, SD or SDXL) with a stock diffusers pipeline and its exported
-LCMScheduler, as a labelled grid: one row per prompt, one column per (steps, guidance_scale).
+"""Sample a distilled model (full or LoRA, SD or SDXL; LCM, TCD or PCM) with a stock diffusers pipeline and its
+exported scheduler, as a labelled grid: one row per prompt, one column per (steps, guidance_scale).
 
     python scripts/sample.py --model lcm-sd15 --prompt "a photo of a cat" --steps 1 2 4 8
     python scripts/sample.py --model lcm-lora-sdxl --steps 4 --guidance_scale 1.0 1.5 --out grid.png
 
 The teacher (and a VAE the run used instead of its own) come from the output's training_config.yaml unless
 --teacher / --vae say otherwise. A full student takes the guidance as input (guidance_scale = w + 1, no CFG pass);
-a LoRA is applied with load_lora_weights and samples with real CFG only when guidance_scale > 1.
+a LoRA is applied with load_lora_weights and samples with real CFG only when guidance_scale > 1. A TCD student
+samples with the run's --tcd_gamma as eta (--eta overrides it), a PCM student with eta 0.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,6 +21,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcm_utils.evaluation import decode_to_array, labelled_grid  # noqa: E402
+from lcm_utils.training import sampling_kwargs  # noqa: E402
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -29,9 +32,10 @@ def fail(message):
 
 
 def load_pipeline(args, trained):
-    """The teacher's own pipeline class (from its model_index.json) with the student and the LCMScheduler;
-    `trained`: the output's training_config.yaml ({} when it has none)."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+    """The teacher's own pipeline class (from its model_index.json) with the student and its exported scheduler
+    (LCMScheduler or TCDScheduler); `trained`: the output's training_config.yaml ({} when it has none)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     teacher = args.teacher or trained.get("pretrained_teacher_model")
     if not teacher:
@@ -39,7 +43,9 @@ def load_pipeline(args, trained):
     is_full = os.path.isdir(os.path.join(args.model, "unet"))
     if not is_full and not os.path.isfile(os.path.join(args.model, LORA_FILE)):
         fail(f"--model: '{args.model}' holds neither unet/ (full distillation) nor {LORA_FILE} (LCM-LoRA)")
-    parts = {"scheduler": LCMScheduler.from_pretrained(args.model, subfolder="scheduler")}
+    with open(os.path.join(args.model, "scheduler", "scheduler_config.json")) as f:
+        scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])  # LCMScheduler or TCDScheduler
+    parts = {"scheduler": scheduler_cls.from_pretrained(args.model, subfolder="scheduler")}
     if is_full:
         parts["unet"] = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
     vae = args.vae or trained.get("pretrained_vae_model_name_or_path")
@@ -67,6 +73,8 @@ def main():
                         help="guidance_scale values (columns); default: w_min + 1 for a full student, 1.0 for LoRA.")
     parser.add_argument("--resolution", type=int, default=None, help="Default: the training resolution.")
     parser.add_argument("--seed", type=int, default=0, help="Row i samples from seed + i in every column.")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="TCDScheduler's gamma (default: the run's --tcd_gamma for TCD, 0 for PCM).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="samples.png")
     args = parser.parse_args()
@@ -78,13 +86,17 @@ def main():
     pipe, is_full = load_pipeline(args, trained)
     guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
     size = args.resolution or trained.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sampler = sampling_kwargs(trained.get("objective", "lcm"), trained.get("tcd_gamma", 0.3))
+    if args.eta is not None:
+        sampler = {"eta": args.eta}
     columns = [(steps, g) for g in guidances for steps in args.steps]
     rows = []
     for i, prompt in enumerate(args.prompt):
         row = []
         for steps, guidance in columns:
             latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                           generator=torch.Generator().manual_seed(args.seed + i), output_type="latent").images
+                           generator=torch.Generator().manual_seed(args.seed + i), output_type="latent",
+                           **sampler).images
             row.append((decode_to_array(pipe, latents)[0] * 255).round().astype("uint8"))
         rows.append(row)
     labels = [f"{steps} step{'s' if steps > 1 else ''}, g {g:g}" for steps, g in columns]

@@ -309,9 +309,29 @@ def test_the_model_card_names_a_hub_teacher_as_base_model(tmp_path):
 
     args = argparse.Namespace(pretrained_teacher_model="stabilityai/stable-diffusion-xl-base-1.0",
                               output_dir=str(tmp_path), w_min=3.0, w_max=15.0, num_ddim_timesteps=50,
-                              loss_type="huber")
+                              loss_type="huber", objective="lcm")
     write_model_card(args, "usage", 1000, argparse.Namespace(name="LCM-LoRA distillation"), StableDiffusionXL)
     card = (tmp_path / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert {"stable-diffusion-xl", "lora", "lcm-lora"} <= set(metadata["tags"]) and "# LCM-LoRA SDXL model" in card
+
+
+def test_every_shipped_config_parses_with_its_script():
+    """Each configs/*.yaml (not the accelerate ones) loads through its script's parser: keys are real flags of that
+    script, values have the flags' types and choices."""
+    import glob
+
+    from lcm_utils.config import parse_args
+    from lcm_utils.training import build_parser
+    from train_lcm_distill import FullDistillation
+    from train_lcm_lora import LoraDistillation
+
+    configs = [p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+               if not os.path.basename(p).startswith("accelerate_")]
+    assert len(configs) >= 10
+    for path in configs:
+        method = LoraDistillation if "lora" in os.path.basename(path) else FullDistillation
+        foreign = (method.foreign_flags, "belongs to the other script")
+        args = parse_args(build_parser(method, "x"), ["--config", path], foreign)
+        assert args.pretrained_teacher_model, path
