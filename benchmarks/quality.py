@@ -5,12 +5,14 @@
 
 For held-out prompts and one fixed set of initial noises, samples the teacher with DDIM + CFG at 1/2/4/8 steps
 (the better of 'leading' and 'trailing' spacing, per metric), the untrained student (the teacher plus a zero
-w-embedding) and each trained student with LCMScheduler at 1/2/4/8 steps, and scores every sample set on
+w-embedding) and each trained student with the scheduler it exported (LCMScheduler, or TCDScheduler for TCD and
+PCM students) at 1/2/4/8 steps, and scores every sample set on
   endpoint  latent MSE to the teacher's 50-step DDIM result from the same noise and prompt, over that result's
             variance (how well the PF-ODE endpoint is reached; lower is better);
   both      fraction of decoded images whose colour and shape the pixel judge reads as the prompt says;
   FD        Frechet distance between fixed image features of the samples and of the held-out real images.
-Prints the tables and the issue's targets beside them; writes <out>.md and <out>.json.
+Prints the tables and the issue's targets beside them; writes <out>.md, <out>.json and <out>.png (each metric
+against the step count, one line per method).
 """
 
 import argparse
@@ -95,6 +97,9 @@ def main():
     p.add_argument("--teacher", default="assets/shapes-teacher")
     p.add_argument("--full", default=None, help="output_dir of train_lcm_distill.py (unet/ + scheduler/).")
     p.add_argument("--lora", default=None, help="output_dir of train_lcm_lora.py.")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=KIND:PATH",
+                   help="More rows, e.g. 'TCD (full)=full:demo-output/tcd' (KIND full or lora; any objective: each "
+                        "samples with the scheduler it exported). Repeatable.")
     p.add_argument("--num_prompts", type=int, default=256, help="Held-out prompts (and real images for FD).")
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--guidance_scale", type=float, default=6.0,
@@ -138,13 +143,17 @@ def main():
                                                              seed=args.seed), reference, captions, real_feats)
                        for s in steps}
     del teacher.unet, untrained
-    for name, kind, path, scale in (("LCM (full)", "full", args.full, args.guidance_scale),
-                                    ("LCM-LoRA", "lora", args.lora, args.lora_guidance_scale)):
+    students = [("LCM (full)", "full", args.full), ("LCM-LoRA", "lora", args.lora)] + [
+        (name, *spec.split(":", 1)) for name, spec in (item.split("=", 1) for item in args.student)]
+    for name, kind, path in students:
         if not path:
             continue
+        scale = args.guidance_scale if kind == "full" else args.lora_guidance_scale
         student = ev.load_student_pipeline(args.teacher, path, kind, args.device)
-        rows[name] = {s: score(student, ev.sample_latents(student, captions, noise, s, scale, seed=args.seed),
-                               reference, captions, real_feats) for s in steps}
+        sampler = ev.output_sampling_kwargs(path)  # TCD: the run's gamma as eta; PCM: eta 0
+        rows[name] = {s: score(student, ev.sample_latents(student, captions, noise, s, scale, seed=args.seed,
+                                                          call_kwargs=sampler), reference, captions, real_feats)
+                      for s in steps}
         print(f"{name} done ({time.time() - started:.0f}s)", flush=True)
 
     targets = check_targets(rows, steps)
@@ -154,10 +163,13 @@ def main():
     with open(args.out + ".md", "w") as f:
         f.write(f"`python {' '.join(sys.argv)}` ({args.num_prompts} held-out prompts, seed {args.seed}, "
                 f"{args.device}, {time.time() - started:.0f}s)\n\n" + table)
+    panels = [{"title": LABELS[m], "series": {name: [row[s][m] * (100 if m == "both" else 1) for s in steps]
+                                              for name, row in rows.items()}} for m in METRICS]
+    ev.line_plots(panels, steps).save(args.out + ".png")
     with open(args.out + ".json", "w") as f:
         json.dump({"args": vars(args), "rows": {k: {str(s): v for s, v in r.items()} for k, r in rows.items()},
                    "references": refs, "targets": [{"target": t, "met": ok} for t, ok in targets]}, f, indent=1)
-    print(f"wrote {args.out}.md and {args.out}.json")
+    print(f"wrote {args.out}.md, {args.out}.json and {args.out}.png (each metric against steps)")
 
 
 if __name__ == "__main__":

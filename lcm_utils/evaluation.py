@@ -18,15 +18,43 @@ def load_teacher_pipeline(teacher, device):
     return pipe.to(device)
 
 
+def sampling_kwargs(objective, tcd_gamma):
+    """Pipeline call arguments of an objective's sampler: TCDScheduler's gamma is the pipelines' `eta` (TCD: the
+    run's gamma; PCM: 0, deterministic edge to edge); LCMScheduler takes none."""
+    return {"tcd": {"eta": tcd_gamma}, "pcm": {"eta": 0.0}}.get(objective, {})
+
+
+def exported_scheduler(model_dir):
+    """The scheduler a training output exported (LCMScheduler or TCDScheduler), by its saved class name."""
+    import json
+    import os
+
+    import diffusers
+
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
+        scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])
+    return scheduler_cls.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def output_sampling_kwargs(model_dir):
+    """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM)."""
+    import os
+
+    import yaml
+
+    path = os.path.join(model_dir, "training_config.yaml")
+    trained = yaml.safe_load(open(path)) if os.path.isfile(path) else {}
+    return sampling_kwargs(trained.get("objective", "lcm"), trained.get("tcd_gamma", 0.3))
+
+
 def load_student_pipeline(teacher, model_dir, kind, device):
     """`kind` 'full': the output_dir of train_lcm_distill.py; 'lora': that of train_lcm_lora.py. Both sample with
-    the LCMScheduler config exported next to them."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    the scheduler exported next to them (pass output_sampling_kwargs(model_dir) to sample_latents)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    scheduler = LCMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     extra = {"unet": UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")} if kind == "full" else {}
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, scheduler=scheduler, safety_checker=None,
-                                                   requires_safety_checker=False, **extra)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, scheduler=exported_scheduler(model_dir),
+                                                   safety_checker=None, requires_safety_checker=False, **extra)
     if kind == "lora":
         pipe.load_lora_weights(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -54,10 +82,11 @@ def initial_noise(num, pipe, seed):
 
 
 @torch.no_grad()
-def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=128, scheduler=None):
+def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=128, scheduler=None, call_kwargs=None):
     """Run the pipeline from `noise` [N, C, h, w]; returns final latents [N, C, h, w] (scaled, as the UNet sees).
 
-    `seed` drives the fresh noise that multistep LCM sampling injects between steps (DDIM with eta 0 uses none)."""
+    `seed` drives the fresh noise that multistep LCM (and TCD with eta > 0) sampling injects between steps (DDIM
+    with eta 0 uses none); `call_kwargs`: more pipeline arguments (a TCD student's eta)."""
     if scheduler is not None:
         pipe.scheduler = scheduler
     out = []
@@ -67,7 +96,7 @@ def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=12
         z = noise[start:start + chunk].to(device) * pipe.scheduler.init_noise_sigma
         g = torch.Generator(device).manual_seed(seed + start)
         res = pipe(list(prompts[start:start + chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                   latents=z, height=size, width=size, output_type="latent", generator=g)
+                   latents=z, height=size, width=size, output_type="latent", generator=g, **(call_kwargs or {}))
         out.append(res.images.float().cpu())
     return torch.cat(out)
 
@@ -154,3 +183,55 @@ def endpoint_error(latents, reference):
     """Mean squared distance to the reference latents over the reference's variance: 0 is exact, and an
     independent draw with the reference's mean and variance scores 2."""
     return float(((latents - reference) ** 2).mean() / reference.var())
+
+
+PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127)]
+
+
+def line_plots(panels, steps, width=360, height=260):
+    """Panels side by side, each {"title": str, "series": {name: [value per step]}} plotted against the step
+    counts (log2 x axis), with one legend below: a PIL image. Drawn with PIL alone (no plotting library)."""
+    from PIL import ImageDraw
+
+    names = list(dict.fromkeys(name for panel in panels for name in panel["series"]))
+    legend_h = 18 * len(names) + 22
+    image = Image.new("RGB", (width * len(panels), height + legend_h), "white")
+    draw, font = ImageDraw.Draw(image), label_font(12)
+    left, right, top, bottom = 52, 14, 26, 30
+    xs = [np.log2(s) for s in steps]
+    for p, panel in enumerate(panels):
+        x0 = p * width
+        values = [v for series in panel["series"].values() for v in series]
+        lo, hi = min(values), max(values)
+        lo, hi = (lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1))
+
+        def point(i, v):
+            px = x0 + left + (xs[i] - xs[0]) / ((xs[-1] - xs[0]) or 1) * (width - left - right)
+            return px, top + (hi - v) / (hi - lo) * (height - top - bottom)
+
+        draw.text((x0 + left, 6), panel["title"], fill="black", font=font)
+        draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline=(120, 120, 120))
+        for i, s in enumerate(steps):
+            px, _ = point(i, lo)
+            draw.text((px - 4, height - bottom + 4), str(s), fill="black", font=font)
+        for frac in (0.0, 0.5, 1.0):
+            v = lo + frac * (hi - lo)
+            _, py = point(0, v)
+            draw.text((x0 + 4, py - 6), f"{v:.3g}", fill="black", font=font)
+        for n, name in enumerate(names):
+            series = panel["series"].get(name)
+            if series is None:
+                continue
+            colour = PLOT_COLOURS[n % len(PLOT_COLOURS)]
+            pts = [point(i, v) for i, v in enumerate(series)]
+            draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    draw.text((8, height - 2), "x: sampling steps", fill="black", font=font)
+    for n, name in enumerate(names):
+        y = height + 14 + 18 * n
+        colour = PLOT_COLOURS[n % len(PLOT_COLOURS)]
+        draw.line([(8, y + 6), (28, y + 6)], fill=colour, width=3)
+        draw.text((34, y), name, fill="black", font=font)
+    return image

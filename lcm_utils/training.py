@@ -23,7 +23,7 @@ from .config import (HUB_ID, ConfigError, add_shared_flags, config_text, parse_a
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
 from .objective import SolverSchedule, lcd_loss, make_objective
 from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
-from .evaluation import decode_to_array, labelled_grid
+from .evaluation import decode_to_array, labelled_grid, sampling_kwargs
 from .latents import check_precomputed, sample_latents
 from .teacher import encode_images, load_teacher, teacher_family
 
@@ -333,7 +333,8 @@ def train_loop(run, stop):
         run.log(f"the checkpoint is at step {global_step}, --max_train_steps is {max_train_steps}: nothing to train")
         finish(run, teacher, global_step)
         return 0
-    run.log(f"training {method.name}: {max_train_steps} steps, {acc.num_processes} process(es), "
+    with_objective = "" if args.objective == "lcm" else f" with the {args.objective.upper()} objective"
+    run.log(f"training {method.name}{with_objective}: {max_train_steps} steps, {acc.num_processes} process(es), "
             f"batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps}, from step {global_step}")
 
     def checkpoint(step):
@@ -667,11 +668,6 @@ def sampling_scheduler(teacher, args):
     if args.objective == "lcm":
         return lcm_scheduler(teacher, args)
     return teacher_scheduler(teacher, TCDScheduler, original_inference_steps=args.num_ddim_timesteps)
-
-
-def sampling_kwargs(objective, tcd_gamma):
-    """Pipeline call arguments of the sampler: TCDScheduler's gamma is the pipelines' `eta`."""
-    return {"tcd": {"eta": tcd_gamma}, "pcm": {"eta": 0.0}}.get(objective, {})
 
 
 def sampler_usage(args):

@@ -41,7 +41,8 @@ def main():
     student = ev.load_student_pipeline(args.teacher, args.model, "lora" if args.lora else "full", args.device)
     scale = 1.0 if args.lora else args.guidance_scale
     for steps in (1, 2, 4):
-        z = ev.sample_latents(student, captions, noise, steps, scale, seed=args.seed)
+        z = ev.sample_latents(student, captions, noise, steps, scale, seed=args.seed,
+                              call_kwargs=ev.output_sampling_kwargs(args.model))
         columns.append((f"LCM {steps}", ev.decode(student, z)))
 
     rows = [[np.asarray(images[i]) for _, images in columns] for i in range(len(captions))]

@@ -12,7 +12,6 @@ samples with the run's --tcd_gamma as eta (--eta overrides it), a PCM student wi
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,8 +19,8 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lcm_utils.evaluation import decode_to_array, labelled_grid  # noqa: E402
-from lcm_utils.training import sampling_kwargs  # noqa: E402
+from lcm_utils.evaluation import (decode_to_array, exported_scheduler, labelled_grid,  # noqa: E402
+                                  output_sampling_kwargs)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -34,7 +33,6 @@ def fail(message):
 def load_pipeline(args, trained):
     """The teacher's own pipeline class (from its model_index.json) with the student and its exported scheduler
     (LCMScheduler or TCDScheduler); `trained`: the output's training_config.yaml ({} when it has none)."""
-    import diffusers
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     teacher = args.teacher or trained.get("pretrained_teacher_model")
@@ -43,9 +41,7 @@ def load_pipeline(args, trained):
     is_full = os.path.isdir(os.path.join(args.model, "unet"))
     if not is_full and not os.path.isfile(os.path.join(args.model, LORA_FILE)):
         fail(f"--model: '{args.model}' holds neither unet/ (full distillation) nor {LORA_FILE} (LCM-LoRA)")
-    with open(os.path.join(args.model, "scheduler", "scheduler_config.json")) as f:
-        scheduler_cls = getattr(diffusers, json.load(f)["_class_name"])  # LCMScheduler or TCDScheduler
-    parts = {"scheduler": scheduler_cls.from_pretrained(args.model, subfolder="scheduler")}
+    parts = {"scheduler": exported_scheduler(args.model)}  # LCMScheduler or TCDScheduler
     if is_full:
         parts["unet"] = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
     vae = args.vae or trained.get("pretrained_vae_model_name_or_path")
@@ -86,7 +82,7 @@ def main():
     pipe, is_full = load_pipeline(args, trained)
     guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
     size = args.resolution or trained.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    sampler = sampling_kwargs(trained.get("objective", "lcm"), trained.get("tcd_gamma", 0.3))
+    sampler = output_sampling_kwargs(args.model)
     if args.eta is not None:
         sampler = {"eta": args.eta}
     columns = [(steps, g) for g in guidances for steps in args.steps]
