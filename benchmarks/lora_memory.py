@@ -137,6 +137,23 @@ def build_teacher(out_dir, args, resolution):
     return out_dir
 
 
+def add_teacher_flags(parser, default_channels):
+    """--teacher, or the shape of a teacher to build: the shape flags and --sdxl_shape (used with teacher_for)."""
+    parser.add_argument("--teacher", default=None, help="Teacher folder (default: build one from the shape flags).")
+    add_shape_flags(parser, default_channels)
+    parser.add_argument("--sdxl_shape", action="store_true",
+                        help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
+
+
+def peak_memory():
+    """(bytes, what they are): the CUDA peak allocation on a GPU, else the process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA peak allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+
+
 def teacher_for(args, tmp):
     """--teacher, else a teacher built in `tmp` from --sdxl_shape or the shape flags."""
     if args.teacher:
@@ -148,8 +165,6 @@ def teacher_for(args, tmp):
 
 def worker(kind, train_args):
     """Run a few training steps of one configuration in this process; print its peak memory as JSON."""
-    import torch
-
     from lcm_utils.training import main
     from train_lcm_distill import FullDistillation
     from train_lcm_lora import LoraDistillation
@@ -187,10 +202,7 @@ def worker(kind, train_args):
 
     method = {"lora": Lora, "full": Full, "lora_second_teacher": LoraWithSecondTeacher}[kind]
     main(method, kind, train_args)
-    if torch.cuda.is_available():
-        peak, unit = torch.cuda.max_memory_allocated(), "CUDA peak allocated"
-    else:
-        peak, unit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    peak, unit = peak_memory()
     intervals = sorted(b - a for a, b in zip(step_times[1:], step_times[2:]))
     batch = int(train_args[train_args.index("--train_batch_size") + 1])
     samples_per_s = batch / intervals[len(intervals) // 2] if intervals else None
@@ -200,10 +212,7 @@ def worker(kind, train_args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default=None, help="Teacher folder (default: build an SD-shaped small one).")
-    add_shape_flags(parser, "128,256,512")
-    parser.add_argument("--sdxl_shape", action="store_true",
-                        help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
+    add_teacher_flags(parser, "128,256,512")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)

@@ -17,7 +17,6 @@ forward, one target forward), timed in the same process on the same inputs. Prin
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_memory import add_shape_flags, resolve_shape, teacher_for  # noqa: E402
+from lora_memory import add_teacher_flags, peak_memory, resolve_shape, teacher_for  # noqa: E402
 
 # Row name -> (data, extra training flags). "images": shards of JPEGs encoded on the fly; "latents": precomputed.
 ROWS = {
@@ -126,10 +125,7 @@ def worker(script, warmup, repeats, train_args):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     passes = time_passes(holder["method"], last_inputs[0], autocast, repeats)
-    if torch.cuda.is_available():
-        peak, unit = torch.cuda.max_memory_allocated(), "CUDA peak allocated"
-    else:
-        peak, unit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    peak, unit = peak_memory()
     batch = last_inputs[0][0].shape[0]
     print("RESULT " + json.dumps({"s_per_step": step, "samples_per_s": batch / step, "passes": passes,
                                   "overhead_ratio": step / sum(passes.values()), "peak_bytes": peak, "unit": unit,
@@ -157,10 +153,7 @@ def run(command, env):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default=None, help="Teacher folder (default: build one from the shape flags).")
-    add_shape_flags(parser, "128,256,512")
-    parser.add_argument("--sdxl_shape", action="store_true",
-                        help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
+    add_teacher_flags(parser, "128,256,512")
     parser.add_argument("--script", choices=("full", "lora"), default="full")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=tuple(ROWS),
                         help="Rows to run (the first is the baseline of the 'vs' column).")

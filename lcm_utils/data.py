@@ -15,7 +15,7 @@ import posixpath
 import tarfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import chain, islice
 from typing import Iterator, Optional
 from urllib.parse import urlparse
@@ -98,6 +98,13 @@ class DataSpec:
     max_watermark_probability: Optional[float] = None
     min_aesthetic_score: Optional[float] = None
     use_size_metadata: bool = True  # read original sizes from metadata (SDXL's time ids); SD does not need them
+
+    @classmethod
+    def from_flags(cls, args, seed: int, use_size_metadata: bool = True) -> "DataSpec":
+        """The spec of parsed flags (the fields are named as the flags); flags a command does not take
+        (lcm_utils.precompute has no shuffling or prompt dropping) keep the defaults."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**dict(values, seed=seed, use_size_metadata=use_size_metadata))
 
 
 class DataError(ValueError):

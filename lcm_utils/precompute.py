@@ -56,13 +56,7 @@ def build_parser():
 
 
 def data_spec(args, family_cls):
-    return DataSpec(train_shards_path_or_url=args.train_shards_path_or_url, train_data_dir=args.train_data_dir,
-                    dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                    cache_dir=args.cache_dir, resolution=args.resolution, interpolation_type=args.interpolation_type,
-                    center_crop=args.center_crop, random_flip=args.random_flip, max_train_samples=args.max_train_samples,
-                    image_column=args.image_column, caption_column=args.caption_column, seed=args.seed,
-                    min_original_size=args.min_original_size, max_watermark_probability=args.max_watermark_probability,
-                    min_aesthetic_score=args.min_aesthetic_score, use_size_metadata=family_cls.uses_original_size)
+    return DataSpec.from_flags(args, args.seed, family_cls.uses_original_size)
 
 
 def validate(args):

@@ -163,17 +163,7 @@ def build_parser(method_cls, description):
 
 def data_spec(args, seed, family=None):
     """The data flags as a DataSpec; `family` (SD or SDXL class) says whether original sizes are read."""
-    return DataSpec(
-        use_size_metadata=True if family is None else family.uses_original_size,
-        train_shards_path_or_url=args.train_shards_path_or_url, train_data_dir=args.train_data_dir,
-        resolution=args.resolution, interpolation_type=args.interpolation_type, center_crop=args.center_crop,
-        random_flip=args.random_flip, proportion_empty_prompts=args.proportion_empty_prompts,
-        max_train_samples=args.max_train_samples, train_batch_size=args.train_batch_size,
-        dataloader_num_workers=args.dataloader_num_workers, shuffle_buffer_size=args.shuffle_buffer_size,
-        image_column=args.image_column, caption_column=args.caption_column, seed=seed,
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-        min_original_size=args.min_original_size, max_watermark_probability=args.max_watermark_probability,
-        min_aesthetic_score=args.min_aesthetic_score)
+    return DataSpec.from_flags(args, seed, True if family is None else family.uses_original_size)
 
 
 def main(method_cls, description, argv=None):
