@@ -1212,7 +1212,18 @@ class TrainStream:
             "shard_states": [None if state is None else json.loads(state) for state in self._shard_states],
             "plans": {epoch: plan for epoch, plan in self._plans.items()
                       if int(epoch) >= min(position[0] for position in self._positions)},
+            "source": getattr(self._source, "identity", None),
         }
+
+    def _check_same_source(self, state: dict) -> None:
+        """A position is only meaningful in the data it was taken in: refuse a dataset that changed since."""
+        saved, now = state.get("source"), getattr(self._source, "identity", None)
+        if saved and now and saved != now:
+            raise DataError(
+                f"{self._source.flag} '{now['dataset']}' changed since the checkpoint was written ({saved['rows']} rows, "
+                f"fingerprint {saved['fingerprint']}; now {now['rows']} rows, {now['fingerprint']}); resume needs the "
+                f"same data: restore it (or pin the Hub revision), or start a new run"
+            )
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; call before iterating. The saved seed wins over spec.seed."""
@@ -1232,6 +1243,7 @@ class TrainStream:
                 f"the data position cannot be restored: the state belongs to rank {state['rank']}, "
                 f"not rank {self.rank}; save and load one data state per process"
             )
+        self._check_same_source(state)
         self.seed = int(state["seed"])
         self._positions = [[int(epoch), int(index)] for epoch, index in state["positions"]]
         self._skipped = [{str(k): int(v) for k, v in counts.items()} for counts in state["skipped"]]
@@ -1247,6 +1259,7 @@ class TrainStream:
         same global sample position: each epoch an old reader was still in is split anew between this layout's
         readers, less what any old reader used (shard readers' buffered samples included). Call before iterating."""
         states = sorted(states, key=lambda state: state["rank"])
+        self._check_same_source(states[0])
         old_workers = int(states[0]["num_workers"])
         old_readers = len(states) * old_workers
         readers = [{"slot": state["rank"] * old_workers + worker, "epoch": int(state["positions"][worker][0]),

@@ -8,6 +8,8 @@ when --dataset_name is used.
 import os
 from collections import Counter
 
+import numpy as np
+
 from .data import (DataError, SampleRules, SkipSample, checked_caption, decode_image, image_example,
                    indexable_elastic_plan, permuted_share, read_file)
 
@@ -62,9 +64,22 @@ class DatasetSource:
             dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
         self.images = dataset.select_columns([self.image_column])
         self.rows = dataset.remove_columns([self.image_column])
-        self.size = len(dataset) if spec.max_train_samples is None else min(len(dataset), spec.max_train_samples)
+        self.num_rows = len(dataset)
+        self.size = self.num_rows if spec.max_train_samples is None else min(self.num_rows, spec.max_train_samples)
         self.rules = SampleRules.from_spec(spec)
         self.listing_counts = Counter()
+        # What a checkpoint records to notice a dataset that changed (datasets' fingerprint hashes the data files).
+        self.identity = {"dataset": self.name, "rows": self.num_rows, "fingerprint": dataset._fingerprint}
+        self._subset = {}
+
+    def subset(self, seed: int):
+        """Row numbers of --max_train_samples: a seeded random subset, the one diffusers' datasets scripts take
+        (`shuffle(seed).select(range(N))`, a numpy PCG64 permutation); None without the flag: [size] int64."""
+        if self.size == self.num_rows:
+            return None
+        if seed not in self._subset:
+            self._subset[seed] = np.random.default_rng(seed).permutation(self.num_rows)[:self.size]
+        return self._subset[seed]
 
     @property
     def description(self) -> str:
@@ -76,7 +91,9 @@ class DatasetSource:
 
     def iter_epoch(self, seed, epoch, slot, num_readers, start, events, shard_state=None, plan=None):
         """(index, row number, None) of this reader's share of the epoch permutation, from `start`."""
-        return permuted_share(self.size, seed, epoch, slot, num_readers, start, plan)
+        rows = self.subset(seed)
+        for index, item, state in permuted_share(self.size, seed, epoch, slot, num_readers, start, plan):
+            yield index, item if rows is None else int(rows[item]), state
 
     def elastic_plan(self, seed, epoch, readers, num_readers, plan, new_readers):
         return indexable_elastic_plan(self.size, seed, epoch, readers, num_readers, plan)

@@ -132,6 +132,37 @@ def test_dataset_resume_is_exact(tmp_path, workers):
     assert_resumes_exactly(spec, 1, 3, rank=1, world_size=2)
 
 
+def test_max_train_samples_on_a_dataset_is_diffusers_seeded_subset(tmp_path):
+    """--max_train_samples takes the rows diffusers' datasets scripts take (shuffle(seed).select(range(N))), and
+    the subset follows the stream's seed, which a resumed run takes from its checkpoint."""
+    import datasets
+
+    folder = save_dataset(tmp_path / "ds", count=12)
+    for seed in (0, 7):
+        expected = datasets.load_from_disk(folder).shuffle(seed=seed).select(range(5))["text"]
+        stream = TrainStream(spec_for(dataset_name=folder, max_train_samples=5, train_batch_size=5, seed=seed))
+        assert sorted(captions_of(take(stream, 1))) == sorted(expected)
+    assert sorted(expected) != [f"caption {i}" for i in range(5)]  # not the first rows
+
+
+def test_a_dataset_that_changed_since_the_checkpoint_is_refused(tmp_path):
+    folder = save_dataset(tmp_path / "ds", count=6)
+    spec = spec_for(dataset_name=folder, train_batch_size=2)
+    stream = TrainStream(spec)
+    take(stream, 2)
+    state = stream.state_dict()
+    assert state["source"]["rows"] == 6
+    same = TrainStream(spec)
+    same.load_state_dict(state)  # the same data reloaded: same fingerprint
+    save_dataset(tmp_path / "ds2", count=6, captions=[f"other {i}" for i in range(6)])
+    os.rename(folder, tmp_path / "old")
+    os.rename(tmp_path / "ds2", folder)
+    with pytest.raises(DataError, match=r"--dataset_name '.*ds' changed since the checkpoint was written \(6 rows"):
+        TrainStream(spec).load_state_dict(state)
+    with pytest.raises(DataError, match="changed since the checkpoint"):
+        TrainStream(spec).load_elastic([state])
+
+
 def test_dataset_in_a_plain_folder_loads_with_load_dataset(tmp_path):
     """A folder of images + metadata.jsonl given as --dataset_name goes through datasets' imagefolder builder."""
     root = tmp_path / "imagefolder"
@@ -142,8 +173,10 @@ def test_dataset_in_a_plain_folder_loads_with_load_dataset(tmp_path):
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"caption {i}"}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     spec = spec_for(dataset_name=str(root), cache_dir=str(tmp_path / "cache"), train_batch_size=4)
-    batch = take(TrainStream(spec), 1)[0]
+    stream = TrainStream(spec)
+    batch = take(stream, 1)[0]
     assert sorted(batch["captions"]) == [f"caption {i}" for i in range(4)]
+    TrainStream(spec).load_state_dict(stream.state_dict())  # reloaded from its files: the same fingerprint
     assert batch["pixel_values"].shape == (4, 3, 8, 8)
 
 
