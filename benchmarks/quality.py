@@ -42,6 +42,18 @@ def score(pipe, latents, reference, captions, real_feats):
             "fd": shapes.frechet_distance(shapes.image_features(images), real_feats)}
 
 
+def student_spec(spec, parser):
+    """'KIND:PATH[,eta=X]' -> (kind, path, eta or None)."""
+    kind, _, rest = spec.partition(":")
+    path, _, option = rest.partition(",eta=")
+    if kind not in ("full", "lora") or not path:
+        parser.error(f"--student wants NAME=KIND:PATH[,eta=X] with KIND full or lora, got {spec!r}")
+    try:
+        return kind, path, float(option) if option else None
+    except ValueError:
+        parser.error(f"--student {spec!r}: eta must be a number in [0, 1]")
+
+
 def check_targets(rows, steps):
     """The issue's targets, each as (description, met) where both step counts were measured."""
     ddim, out = rows["DDIM (teacher, CFG)"], []
@@ -64,6 +76,19 @@ def check_targets(rows, steps):
         if 2 in steps and 4 in steps:
             out.append((f"{name} moonshot: 2 steps as good as DDIM-4 on all three",
                         all(at_least[m](row[2][m], ddim[4][m]) for m in METRICS)))
+        # Issue 12's targets for students that should improve with steps (TCD, PCM).
+        if 4 in steps and 8 in steps:
+            out.append((f"{name} no worse from 4 to 8 steps on any metric",
+                        all(at_least[m](row[8][m], row[4][m]) for m in METRICS)))
+            out.append((f"{name} moonshot: 4 steps as good as DDIM-8 on colour+shape and FD",
+                        all(at_least[m](row[4][m], ddim[8][m]) for m in ("both", "fd"))))
+    if UNTRAINED in rows:
+        base = rows[UNTRAINED]
+        students = [name for name in rows if not name.startswith("DDIM") and name != UNTRAINED]
+        for s in steps:
+            winners = [name for name in students if all(better[m](rows[name][s][m], base[s][m]) for m in ("both", "fd"))]
+            out.append((f"{s} step{'s' * (s > 1)}: a student beats the untrained student on colour+shape and FD"
+                        + (f" ({', '.join(winners)})" if winners else ""), bool(winners)))
     return out
 
 
@@ -97,9 +122,10 @@ def main():
     p.add_argument("--teacher", default="assets/shapes-teacher")
     p.add_argument("--full", default=None, help="output_dir of train_lcm_distill.py (unet/ + scheduler/).")
     p.add_argument("--lora", default=None, help="output_dir of train_lcm_lora.py.")
-    p.add_argument("--student", action="append", default=[], metavar="NAME=KIND:PATH",
+    p.add_argument("--student", action="append", default=[], metavar="NAME=KIND:PATH[,eta=X]",
                    help="More rows, e.g. 'TCD (full)=full:demo-output/tcd' (KIND full or lora; any objective: each "
-                        "samples with the scheduler it exported). Repeatable.")
+                        "samples with the scheduler it exported, TCD with the run's gamma; ',eta=X' samples a TCD "
+                        "or PCM student with gamma X instead). Repeatable.")
     p.add_argument("--num_prompts", type=int, default=256, help="Held-out prompts (and real images for FD).")
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--guidance_scale", type=float, default=6.0,
@@ -143,14 +169,18 @@ def main():
                                                              seed=args.seed), reference, captions, real_feats)
                        for s in steps}
     del teacher.unet, untrained
-    students = [("LCM (full)", "full", args.full), ("LCM-LoRA", "lora", args.lora)] + [
-        (name, *spec.split(":", 1)) for name, spec in (item.split("=", 1) for item in args.student)]
-    for name, kind, path in students:
+    students = [("LCM (full)", "full", args.full, None), ("LCM-LoRA", "lora", args.lora, None)] + [
+        (name, *student_spec(spec, p)) for name, spec in (item.split("=", 1) for item in args.student)]
+    for name, kind, path, eta in students:
         if not path:
             continue
         scale = args.guidance_scale if kind == "full" else args.lora_guidance_scale
         student = ev.load_student_pipeline(args.teacher, path, kind, args.device)
         sampler = ev.output_sampling_kwargs(path)  # TCD: the run's gamma as eta; PCM: eta 0
+        if eta is not None:
+            if "eta" not in sampler:
+                p.error(f"--student {name}: eta is TCDScheduler's gamma; {path} exported an LCMScheduler")
+            sampler = {"eta": eta}
         rows[name] = {s: score(student, ev.sample_latents(student, captions, noise, s, scale, seed=args.seed,
                                                           call_kwargs=sampler), reference, captions, real_feats)
                       for s in steps}

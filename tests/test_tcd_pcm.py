@@ -140,3 +140,35 @@ def test_objective_flags_are_checked(assets, tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             run_in_process(base_args(assets, str(tmp_path / "out"), **flags))
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_quality_benchmark_checks_the_issues_targets(monkeypatch):
+    """benchmarks/quality.py's target lines for TCD/PCM: a student beats the untrained one per step count only on
+    both colour+shape and FD; 'no worse from 4 to 8' fails on any metric that gets worse; eta overrides parse."""
+    import argparse
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import quality
+
+    def row(*points):  # (endpoint, both, fd) at 1, 2, 4, 8 steps
+        return {s: dict(zip(("endpoint", "both", "fd"), p)) for s, p in zip((1, 2, 4, 8), points)}
+
+    rows = {"DDIM (teacher, CFG)": row((1.4, .14, 3.9), (2.3, .21, 2.6), (1.1, .51, 1.2), (.27, .91, .46)),
+            quality.UNTRAINED: row((.48, .13, 2.1), (.33, .56, .89), (.48, .75, .67), (.69, .81, .63)),
+            "A": row((.5, .5, 1.3), (.3, .84, .72), (.25, .84, .66), (.25, .85, .64)),  # FD at 8 above untrained
+            "B": row((.9, .4, 1.8), (.3, .80, .80), (.26, .80, .70), (.26, .82, .62))}  # FD at 4 above untrained
+    met = dict(quality.check_targets(rows, [1, 2, 4, 8]))
+    assert met["1 step: a student beats the untrained student on colour+shape and FD (A, B)"]
+    assert met["4 steps: a student beats the untrained student on colour+shape and FD (A)"]
+    assert met["8 steps: a student beats the untrained student on colour+shape and FD (B)"]
+    assert met["A no worse from 4 to 8 steps on any metric"]  # endpoint equal, the others better
+    assert met["B no worse from 4 to 8 steps on any metric"]
+    assert not met["A moonshot: 4 steps as good as DDIM-8 on colour+shape and FD"]
+    rows["A"][8]["endpoint"] = 0.26
+    assert not dict(quality.check_targets(rows, [1, 2, 4, 8]))["A no worse from 4 to 8 steps on any metric"]
+
+    parser = argparse.ArgumentParser()
+    assert quality.student_spec("full:/x/pcm", parser) == ("full", "/x/pcm", None)
+    assert quality.student_spec("lora:/x/tcd,eta=0.5", parser) == ("lora", "/x/tcd", 0.5)
+    with pytest.raises(SystemExit):
+        quality.student_spec("half:/x", parser)
