@@ -1,14 +1,17 @@
 """The shipped demo: the shapes dataset and its pixel judge, the shipped teacher, and a short distillation of it
 that must bring the student's 2-step samples closer to the teacher's 50-step DDIM endpoints."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lcm_utils import evaluation as ev
 from lcm_utils import shapes
-from tests.conftest import ROOT, check_ok, launch
+from tests.conftest import ROOT, check_ok, launch, script_env
 
 TEACHER = os.path.join(ROOT, "assets", "shapes-teacher")
 
@@ -106,3 +109,17 @@ def test_short_distillation_makes_few_step_samples_follow_the_prompt(tmp_path):
     assert end[2]["color"] > start[2]["color"] + 0.06, (start, end)
     assert end[2]["both"] > start[2]["both"], (start, end)
     assert end[2]["endpoint"] < 1.5 * start[2]["endpoint"], (start, end)
+
+    # The demo's own grid shows the same gain: scripts/compare.py's column scores are the judge's numbers above.
+    grid, scores = str(tmp_path / "comparison.png"), str(tmp_path / "scores.json")
+    check_ok(subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--teacher", TEACHER,
+                             "--model", out, "--num_prompts", "4", "--score_prompts", str(len(captions)),
+                             "--out", grid, "--scores", scores], cwd=ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=300))
+    columns = {(c["method"], c["steps"]): c["both"] for c in json.load(open(scores))["columns"]}
+    for steps in (1, 2):
+        assert columns[("untrained LCM", steps)] == pytest.approx(start[steps]["both"]), columns
+        assert columns[("LCM", steps)] == pytest.approx(end[steps]["both"]), columns
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 9 * 96  # the reference, 2 teacher, 3 untrained and 3 student columns
