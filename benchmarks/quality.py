@@ -117,32 +117,9 @@ def markdown(rows, steps, refs, targets):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default="assets/shapes-teacher")
-    p.add_argument("--full", default=None, help="output_dir of train_lcm_distill.py (unet/ + scheduler/).")
-    p.add_argument("--lora", default=None, help="output_dir of train_lcm_lora.py.")
-    p.add_argument("--student", action="append", default=[], metavar="NAME=KIND:PATH[,eta=X]",
-                   help="More rows, e.g. 'TCD (full)=full:demo-output/tcd' (KIND full or lora; any objective: each "
-                        "samples with the scheduler it exported, TCD with the run's gamma; ',eta=X' samples a TCD "
-                        "or PCM student with gamma X instead). Repeatable.")
-    p.add_argument("--num_prompts", type=int, default=256, help="Held-out prompts (and real images for FD).")
-    p.add_argument("--steps", default="1,2,4,8")
-    p.add_argument("--guidance_scale", type=float, default=6.0,
-                   help="Teacher CFG scale; the full student gets the same (its w-embedding is w = scale - 1).")
-    p.add_argument("--lora_guidance_scale", type=float, default=1.0, help="LCM-LoRA bakes CFG in: no CFG pass.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/quality")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
-    started = time.time()
-
-    real_images, captions = zip(*shapes.samples("heldout", args.num_prompts))
-    real_feats = shapes.image_features(real_images)
-    teacher = ev.load_teacher_pipeline(args.teacher, args.device)
-    noise = ev.initial_noise(len(captions), teacher, args.seed)
-
+def teacher_rows(args, teacher, captions, noise, real_images, real_feats, steps, started):
+    """(reference latents, reference scores, rows) of the teacher (DDIM + CFG, best spacing) and the untrained
+    student: what every student is measured against."""
     reference = ev.sample_latents(teacher, captions, noise, 50, args.guidance_scale,
                                   scheduler=ev.ddim(teacher, "leading"))
     refs = {"DDIM-50 (reference)": score(teacher, reference, reference, captions, real_feats)}
@@ -168,7 +145,48 @@ def main():
     rows[UNTRAINED] = {s: score(untrained, ev.sample_latents(untrained, captions, noise, s, args.guidance_scale,
                                                              seed=args.seed), reference, captions, real_feats)
                        for s in steps}
-    del teacher.unet, untrained
+    return reference, refs, rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="assets/shapes-teacher")
+    p.add_argument("--full", default=None, help="output_dir of train_lcm_distill.py (unet/ + scheduler/).")
+    p.add_argument("--lora", default=None, help="output_dir of train_lcm_lora.py.")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=KIND:PATH[,eta=X]",
+                   help="More rows, e.g. 'TCD (full)=full:demo-output/tcd' (KIND full or lora; any objective: each "
+                        "samples with the scheduler it exported, TCD with the run's gamma; ',eta=X' samples a TCD "
+                        "or PCM student with gamma X instead). Repeatable.")
+    p.add_argument("--num_prompts", type=int, default=256, help="Held-out prompts (and real images for FD).")
+    p.add_argument("--steps", default="1,2,4,8")
+    p.add_argument("--guidance_scale", type=float, default=6.0,
+                   help="Teacher CFG scale; the full student gets the same (its w-embedding is w = scale - 1).")
+    p.add_argument("--lora_guidance_scale", type=float, default=1.0, help="LCM-LoRA bakes CFG in: no CFG pass.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/quality")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--teacher_cache", default=None,
+                   help="A .pt file keeping the teacher's and the untrained student's rows (and the reference latents) "
+                        "between runs with the same teacher, prompts, seed, guidance and steps: only the students "
+                        "are sampled again.")
+    args = p.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    started = time.time()
+
+    real_images, captions = zip(*shapes.samples("heldout", args.num_prompts))
+    real_feats = shapes.image_features(real_images)
+    teacher = ev.load_teacher_pipeline(args.teacher, args.device)
+    noise = ev.initial_noise(len(captions), teacher, args.seed)
+    key = {k: getattr(args, k) for k in ("teacher", "num_prompts", "steps", "guidance_scale", "seed")}
+    cached = torch.load(args.teacher_cache) if args.teacher_cache and os.path.isfile(args.teacher_cache) else None
+    if cached is not None and cached["key"] == key:
+        reference, refs, rows = cached["reference"], cached["refs"], cached["rows"]
+        print(f"teacher and untrained rows from {args.teacher_cache}", flush=True)
+    else:
+        reference, refs, rows = teacher_rows(args, teacher, captions, noise, real_images, real_feats, steps, started)
+        if args.teacher_cache:
+            torch.save({"key": key, "reference": reference, "refs": refs, "rows": rows}, args.teacher_cache)
+    del teacher.unet
     students = [("LCM (full)", "full", args.full, None), ("LCM-LoRA", "lora", args.lora, None)] + [
         (name, *student_spec(spec, p)) for name, spec in (item.split("=", 1) for item in args.student)]
     for name, kind, path, eta in students:
