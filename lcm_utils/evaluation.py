@@ -186,7 +186,8 @@ def endpoint_error(latents, reference):
 
 
 PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                (227, 119, 194), (127, 127, 127)]
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (128, 0, 0),
+                (0, 0, 128), (0, 128, 128)]  # 14 distinct lines before a colour repeats
 
 
 def line_plots(panels, steps, width=360, height=260):
