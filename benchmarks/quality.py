@@ -42,16 +42,20 @@ def score(pipe, latents, reference, captions, real_feats):
             "fd": shapes.frechet_distance(shapes.image_features(images), real_feats)}
 
 
-def student_spec(spec, parser):
-    """'KIND:PATH[,eta=X]' -> (kind, path, eta or None)."""
+def student_spec(item, parser):
+    """'NAME=KIND:PATH[,eta=X]' -> (name, kind, path, eta or None)."""
+    name, _, spec = item.partition("=")
     kind, _, rest = spec.partition(":")
     path, _, option = rest.partition(",eta=")
-    if kind not in ("full", "lora") or not path:
-        parser.error(f"--student wants NAME=KIND:PATH[,eta=X] with KIND full or lora, got {spec!r}")
+    if not name or kind not in ("full", "lora") or not path:
+        parser.error(f"--student wants NAME=KIND:PATH[,eta=X] with KIND full or lora, got {item!r}")
     try:
-        return kind, path, float(option) if option else None
+        eta = float(option) if option else None
     except ValueError:
-        parser.error(f"--student {spec!r}: eta must be a number in [0, 1]")
+        eta = -1.0
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        parser.error(f"--student {item!r}: eta must be a number in [0, 1]")
+    return name, kind, path, eta
 
 
 def check_targets(rows, steps):
@@ -188,7 +192,7 @@ def main():
             torch.save({"key": key, "reference": reference, "refs": refs, "rows": rows}, args.teacher_cache)
     del teacher.unet
     students = [("LCM (full)", "full", args.full, None), ("LCM-LoRA", "lora", args.lora, None)] + [
-        (name, *student_spec(spec, p)) for name, spec in (item.split("=", 1) for item in args.student)]
+        student_spec(item, p) for item in args.student]
     for name, kind, path, eta in students:
         if not path:
             continue

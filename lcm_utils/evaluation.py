@@ -36,14 +36,19 @@ def exported_scheduler(model_dir):
     return scheduler_cls.from_pretrained(model_dir, subfolder="scheduler")
 
 
-def output_sampling_kwargs(model_dir):
-    """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM)."""
+def training_config(model_dir):
+    """The flags a training output was written with (its training_config.yaml; {} without one)."""
     import os
 
     import yaml
 
     path = os.path.join(model_dir, "training_config.yaml")
-    trained = yaml.safe_load(open(path)) if os.path.isfile(path) else {}
+    return (yaml.safe_load(open(path)) or {}) if os.path.isfile(path) else {}
+
+
+def output_sampling_kwargs(model_dir):
+    """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM)."""
+    trained = training_config(model_dir)
     return sampling_kwargs(trained.get("objective", "lcm"), trained.get("tcd_gamma", 0.3))
 
 

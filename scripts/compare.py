@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,12 +22,6 @@ from lcm_utils import evaluation as ev  # noqa: E402
 from lcm_utils import shapes  # noqa: E402
 
 STUDENT_STEPS = (1, 2, 4)
-
-
-def objective_of(model_dir):
-    """The run's objective (lcm, tcd, pcm) from its training_config.yaml; lcm without one."""
-    path = os.path.join(model_dir, "training_config.yaml")
-    return (yaml.safe_load(open(path)) or {}).get("objective", "lcm") if os.path.isfile(path) else "lcm"
 
 
 def main():
@@ -69,7 +62,7 @@ def main():
     del untrained
     student = ev.load_student_pipeline(args.teacher, args.model, "lora" if args.lora else "full", args.device)
     scale = 1.0 if args.lora else args.guidance_scale
-    method = objective_of(args.model).upper() + ("-LoRA" if args.lora else "")
+    method = ev.training_config(args.model).get("objective", "lcm").upper() + ("-LoRA" if args.lora else "")
     for steps in STUDENT_STEPS:
         z = ev.sample_latents(student, captions, noise, steps, scale, seed=args.seed,
                               call_kwargs=ev.output_sampling_kwargs(args.model))

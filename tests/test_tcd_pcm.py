@@ -168,7 +168,8 @@ def test_quality_benchmark_checks_the_issues_targets(monkeypatch):
     assert not dict(quality.check_targets(rows, [1, 2, 4, 8]))["A no worse from 4 to 8 steps on any metric"]
 
     parser = argparse.ArgumentParser()
-    assert quality.student_spec("full:/x/pcm", parser) == ("full", "/x/pcm", None)
-    assert quality.student_spec("lora:/x/tcd,eta=0.5", parser) == ("lora", "/x/tcd", 0.5)
-    with pytest.raises(SystemExit):
-        quality.student_spec("half:/x", parser)
+    assert quality.student_spec("P=full:/x/pcm", parser) == ("P", "full", "/x/pcm", None)
+    assert quality.student_spec("T=lora:/x/tcd,eta=0.5", parser) == ("T", "lora", "/x/tcd", 0.5)
+    for bad in ("H=half:/x", "full:/x", "T=lora:/x,eta=2", "T=lora:/x,eta=high"):
+        with pytest.raises(SystemExit):
+            quality.student_spec(bad, parser)
