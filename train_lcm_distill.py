@@ -12,9 +12,10 @@ copy of the student (LCM paper, Algorithm 1). Everything else is shared with tra
 import copy
 import os
 
-from lcm_utils.checkpoint import load_tensors
 from lcm_utils.config import ConfigError
-from lcm_utils.consistency import ema_update, guidance_embedding
+from lcm_utils.consistency import guidance_embedding
+from lcm_utils.engines import (ema_update_modules, full_state_dict, load_full_state_dict, read_unet_weights,
+                               shard_like, write_unet)
 from lcm_utils.teacher import build_student
 from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
@@ -66,18 +67,28 @@ class FullDistillation(DistillationMethod):
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def update_target(self, gate=None):
-        ema_update(self.target.parameters(), self.student.parameters(), self.ema_decay, gate)
+        # FSDP keeps the root unit's weights gathered after a no-grad forward: reshard them first.
+        if hasattr(self.target, "reshard"):
+            self.target.reshard()
+        ema_update_modules(self.target, self.student, self.ema_decay, gate)
 
-    def save_state(self, folder):
-        self.student.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
-        self.target.save_pretrained(os.path.join(folder, "unet_target"), safe_serialization=True)
+    def shard(self):
+        shard_like(self.target, self.student)
+
+    def snapshot(self, student_only=False):
+        parts = {"unet": self.student} if student_only else {"unet": self.student, "unet_target": self.target}
+        return {name: full_state_dict(module) for name, module in parts.items()}
+
+    def save_state(self, folder, weights):
+        for name, state in weights.items():
+            write_unet(self.student, os.path.join(folder, name), state)
 
     def load_state(self, folder):
-        for module, sub in ((self.student, "unet"), (self.target, "unet_target")):
-            module.load_state_dict(load_tensors(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")))
+        for module, name in ((self.student, "unet"), (self.target, "unet_target")):
+            load_full_state_dict(module, read_unet_weights(os.path.join(folder, name)))
 
-    def export(self, output_dir):
-        self.save_state(output_dir)
+    def export(self, output_dir, weights):
+        self.save_state(output_dir, weights)
         pipeline, guidance = self.family.pipeline_class_name, self.args.w_min + 1
         scheduler, extra, steps = sampler_usage(self.args)
         also = ("\n\n`LatentConsistencyModelPipeline` loads it the same way." if pipeline == "StableDiffusionPipeline"
@@ -96,10 +107,10 @@ class FullDistillation(DistillationMethod):
             f"{self.args.w_max + 1:g} is the trained range."
         )
 
-    def validation_pipeline(self, folder, teacher, args, device):
+    def validation_pipeline(self, folder, teacher, args, device, weights):
         from diffusers import UNet2DConditionModel
 
-        self.student.save_pretrained(folder, safe_serialization=True)
+        write_unet(self.student, folder, weights["unet"])
         return stock_pipeline(teacher, UNet2DConditionModel.from_pretrained(folder).to(device).eval(), args)
 
     def default_validation_guidance(self, args):

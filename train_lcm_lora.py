@@ -17,6 +17,7 @@ import torch
 from lcm_utils.checkpoint import load_tensors, save_tensors
 from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update
+from lcm_utils.engines import copy_full_into, full_tensors, uses_fsdp, zero_stage
 from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
 
@@ -109,27 +110,43 @@ class LoraDistillation(DistillationMethod):
             ema_update([self.ema[n] for n in self.lora_names], [online[n] for n in self.lora_names], self.ema_decay,
                        gate)
 
-    def save_state(self, folder):
-        save_tensors(self.lora_state(), os.path.join(folder, "lora.safetensors"))
-        if self.ema is not None:
-            save_tensors(self.ema, os.path.join(folder, "lora_ema.safetensors"))
+    def check_engine(self, args, acc):
+        if zero_stage(acc) == 3:
+            raise ConfigError("DeepSpeed ZeRO-3 is for full distillation (train_lcm_distill.py): LCM-LoRA trains a "
+                              "few MB of adapters on a frozen base; use configs/accelerate_deepspeed_zero2.yaml, or "
+                              "configs/accelerate_fsdp.yaml to shard the base")
+        if uses_fsdp(acc) and args.ema_decay > 0:
+            raise ConfigError("--ema_decay > 0 does not work under FSDP for LoRA: the EMA adapters cannot stand in "
+                              "for sharded ones in a forward pass; use --ema_decay 0 (LCM-LoRA's own choice) or "
+                              "DDP (configs/accelerate_multi_gpu.yaml)")
+
+    def snapshot(self, student_only=False):
+        weights = {"lora": full_tensors(self.lora_state())}
+        if self.ema is not None and not student_only:
+            weights["lora_ema"] = self.ema
+        return weights
+
+    def save_state(self, folder, weights):
+        save_tensors(weights["lora"], os.path.join(folder, "lora.safetensors"))
+        if "lora_ema" in weights:
+            save_tensors(weights["lora_ema"], os.path.join(folder, "lora_ema.safetensors"))
 
     def load_state(self, folder):
         online = load_tensors(os.path.join(folder, "lora.safetensors"))
         if sorted(online) != sorted(self.lora_names):
             raise ConfigError(f"--resume_from_checkpoint: '{folder}' holds other adapters than this run's "
                               f"--lora_rank/--lora_target_modules; resume with the flags that wrote it")
-        with torch.no_grad():
-            for name, param in self.lora_state().items():
-                param.copy_(online[name])
+        for name, param in self.lora_state().items():
+            copy_full_into(param, online[name])
         if self.ema is not None:
             ema_file = os.path.join(folder, "lora_ema.safetensors")
             source = load_tensors(ema_file) if os.path.isfile(ema_file) else online
             for name in self.lora_names:
                 self.ema[name].copy_(source[name])
 
-    def save_lora(self, folder, tensors=None):
-        """Write the adapters in diffusers' LoRA format (+ their LoraConfig), loadable by pipe.load_lora_weights."""
+    def save_lora(self, folder, tensors):
+        """Write the adapters {name: full tensor} in diffusers' LoRA format (+ their LoraConfig), loadable by
+        pipe.load_lora_weights."""
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.student, state_dict=tensors)
@@ -137,11 +154,11 @@ class LoraDistillation(DistillationMethod):
             folder, unet_lora_layers=state, safe_serialization=True,
             unet_lora_adapter_metadata=self.student.peft_config["default"].to_dict())
 
-    def export(self, output_dir):
-        self.save_lora(output_dir)
+    def export(self, output_dir, weights):
+        self.save_lora(output_dir, weights["lora"])
         usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.args)
         if self.ema is not None:
-            self.save_lora(os.path.join(output_dir, "ema"), self.ema)
+            self.save_lora(os.path.join(output_dir, "ema"), weights["lora_ema"])
             usage_ema = " `ema/` holds the EMA of the adapters, loadable the same way."
         return (
             f"Use `{LORA_WEIGHTS}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
@@ -156,12 +173,12 @@ class LoraDistillation(DistillationMethod):
             "1-2 add real CFG at twice the cost per step."
         )
 
-    def validation_pipeline(self, folder, teacher, args, device):
+    def validation_pipeline(self, folder, teacher, args, device, weights):
         from diffusers import UNet2DConditionModel
 
         from lcm_utils.config import teacher_revision
 
-        self.save_lora(folder)
+        self.save_lora(folder, weights["lora"])
         base = UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
                                                     revision=teacher_revision(args), cache_dir=args.cache_dir)
         pipe = stock_pipeline(teacher, base.to(device, dtype=self.student.dtype).eval(), args)

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints: written to a partial folder, renamed into place only when every rank is done.
 
 A folder named checkpoint-<step> always holds a complete checkpoint, so `latest` never picks a broken one.
-Nothing is pickled: weights are safetensors, optimizer state is loaded with weights_only=True, the rest is JSON.
+Nothing is pickled: weights are safetensors, optimizer state is loaded with weights_only=True, the rest is JSON;
+under DeepSpeed its optimizer partitions are DeepSpeed's own files (written through accelerate's save_state).
 """
 
 import json

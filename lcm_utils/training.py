@@ -21,6 +21,8 @@ from . import checkpoint as ckpt
 from .config import (HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config,
                      teacher_revision, validate)
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
+from .engines import (configure_deepspeed, frozen_loading, load_optimizer_state, save_optimizer_state, uses_deepspeed,
+                      uses_fsdp, zero_stage)
 from .objective import SolverSchedule, lcd_loss, make_objective
 from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid, sampling_kwargs
@@ -84,18 +86,32 @@ class DistillationMethod:
     def update_target(self, gate=None):
         """Called after every optimizer step (EMA); gate: a device scalar, 0 when the step's update was skipped."""
 
-    def save_state(self, folder):
+    def check_engine(self, args, acc):
+        """Before any model loads: reject what this method cannot do under the run's engine (FSDP, ZeRO-3)."""
+
+    def shard(self):
+        """Under FSDP, after accelerate sharded the student: shard what must match it (the EMA target)."""
+
+    def snapshot(self, student_only=False):
+        """The full weights that save_state/export write, {part: {name: tensor}}. Called on every rank (a
+        sharded student is gathered); only the main process's result holds tensors."""
+        raise NotImplementedError
+
+    def save_state(self, folder, weights):
+        """Write a snapshot() into a checkpoint folder (main process)."""
         raise NotImplementedError
 
     def load_state(self, folder):
+        """Every rank reads the checkpoint's weights into its student and target."""
         raise NotImplementedError
 
-    def export(self, output_dir):
-        """Write the final weights; returns the model card's usage section."""
+    def export(self, output_dir, weights):
+        """Write the final weights of a snapshot() (main process); returns the model card's usage section."""
         raise NotImplementedError
 
-    def validation_pipeline(self, folder, teacher, args, device):
-        """Save the student to folder and load it into a fresh stock pipeline, the way a user would."""
+    def validation_pipeline(self, folder, teacher, args, device, weights):
+        """Save the student of a snapshot(student_only=True) to folder and load it into a fresh stock pipeline,
+        the way a user would (main process)."""
         raise NotImplementedError
 
     def default_validation_guidance(self, args):
@@ -280,8 +296,10 @@ def train_loop(run, stop):
     if stream.precomputed:
         for note in check_precomputed(stream.precomputed, args, family_cls):
             run.log(f"note: {note}")
+    method.check_engine(args, acc)
     # From precomputed shards the VAE and text encoders only serve validation: they wait on the CPU.
-    teacher = load_teacher(args, device, run.weight_dtype, torch.device("cpu") if stream.precomputed else device)
+    with frozen_loading(acc):
+        teacher = load_teacher(args, device, run.weight_dtype, torch.device("cpu") if stream.precomputed else device)
     if stream.precomputed:
         teacher.family.set_unconditional_text(stream.unconditional_text, device)
     method.setup(teacher, args, run.weight_dtype)
@@ -307,7 +325,12 @@ def train_loop(run, stop):
     # Not passed to accelerator.prepare: stepped once per optimizer step whatever the number of processes.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
+    if uses_deepspeed(acc):
+        configure_deepspeed(acc, args)
     method.student_model, optimizer = acc.prepare(method.student, optimizer)
+    if uses_fsdp(acc):
+        method.shard()
+        params = method.trainable_parameters()  # FSDP replaced them by their shards
     schedule = SolverSchedule.from_scheduler(teacher.noise_scheduler, args.num_ddim_timesteps,
                                              args.timestep_scaling_factor, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
@@ -485,10 +508,11 @@ def summary(args, teacher, acc, precomputed=False):
     if precomputed:
         data += " (precomputed latents and text embeddings)"
     precision = acc.mixed_precision if acc.mixed_precision != "no" else "fp32"
+    engine = " (FSDP)" if uses_fsdp(acc) else f" (DeepSpeed ZeRO-{zero_stage(acc)})" if uses_deepspeed(acc) else ""
     return (f"teacher:   {args.pretrained_teacher_model} ({teacher.family.name}, {teacher.prediction_type})\n"
             f"data:      {data}\n"
             f"batch:     {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
-            f"{acc.num_processes} process(es), {args.resolution} px, {precision} on {acc.device.type}\n"
+            f"{acc.num_processes} process(es){engine}, {args.resolution} px, {precision} on {acc.device.type}\n"
             f"output:    {args.output_dir} (every flag in training_config.yaml)")
 
 
@@ -555,9 +579,11 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
     acc.wait_for_everyone()
+    weights = run.method.snapshot()
     if acc.is_main_process:
-        run.method.save_state(folder)
-    save_optimizer(acc, optimizer, folder)
+        run.method.save_state(folder, weights)
+    del weights
+    save_optimizer(acc, run.method.student_model, optimizer, folder)
     ckpt.write_json(os.path.join(folder, f"rank_{acc.process_index}.json"),
                     {"rng": ckpt.rng_state(generator), "data": stream.state_dict()})
     acc.wait_for_everyone()
@@ -571,26 +597,20 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     acc.wait_for_everyone()
 
 
-def uses_deepspeed(acc):
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type == DistributedType.DEEPSPEED
-
-
-def save_optimizer(acc, optimizer, folder):
-    """Optimizer state into the checkpoint. ZeRO shards it across ranks, so under DeepSpeed every rank saves
-    its shard through accelerate (not exercised by the tests: no DeepSpeed or GPU in CI)."""
+def save_optimizer(acc, model, optimizer, folder):
+    """Optimizer state into the checkpoint. ZeRO partitions it across ranks, so under DeepSpeed every rank saves
+    its part through accelerate (DeepSpeed's own files); FSDP's is gathered to full tensors."""
     if uses_deepspeed(acc):
         acc.save_state(os.path.join(folder, "deepspeed"))
-    elif acc.is_main_process:
-        ckpt.save_torch(os.path.join(folder, "optimizer.pt"), optimizer.state_dict())
+    else:
+        save_optimizer_state(acc, model, optimizer, folder)
 
 
-def load_optimizer(acc, optimizer, folder):
+def load_optimizer(acc, model, optimizer, folder):
     if uses_deepspeed(acc):
         acc.load_state(os.path.join(folder, "deepspeed"))
     else:
-        optimizer.load_state_dict(ckpt.load_torch(os.path.join(folder, "optimizer.pt")))
+        load_optimizer_state(acc, model, optimizer, folder)
 
 
 def resume(run, optimizer, lr_scheduler, stream, generator):
@@ -611,7 +631,7 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
     run.run_id = state.get("run_id", run.run_id)
     run.method.load_state(path)
-    load_optimizer(acc, optimizer, path)
+    load_optimizer(acc, run.method.student_model, optimizer, path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
@@ -705,6 +725,7 @@ def run_validation(run, teacher, step):
     latent RMS distance of each sample to the teacher's own sample of the same prompt and noise (per step count,
     the mean over prompts: how close the few-step student lands to where the teacher's sampler ends)."""
     acc, args = run.accelerator, run.args
+    weights = run.method.snapshot(student_only=True)
     if acc.is_main_process:
         prompts = args.validation_prompts or DEFAULT_VALIDATION_PROMPTS
         guidance = args.validation_guidance_scale
@@ -716,7 +737,8 @@ def run_validation(run, teacher, step):
                 teacher.encoders_on(acc.device):
             if getattr(run, "references", None) is None:
                 run.references = teacher_references(run, teacher, prompts, run.method.reference_guidance(args))
-            pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device)
+            pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device, weights)
+            del weights
             rows, columns = [], [f"{n} step{'s' if n > 1 else ''}, g {guidance:g}"
                                  for n in args.validation_inference_steps]
             for i, prompt in enumerate(prompts):
@@ -805,6 +827,7 @@ def finish(run, teacher, step):
     --push_to_hub the upload is recorded too, so a rerun retries one that failed."""
     acc, args = run.accelerator, run.args
     acc.wait_for_everyone()
+    weights = run.method.snapshot()
     if acc.is_main_process:
         record = os.path.join(args.output_dir, EXPORT_STATE)
         previous = read_export_state(args.output_dir)
@@ -814,7 +837,7 @@ def finish(run, teacher, step):
             state = previous
         else:
             export_scheduler(teacher, args, args.output_dir)
-            usage = run.method.export(args.output_dir)
+            usage = run.method.export(args.output_dir, weights)
             write_model_card(args, usage, step, run.method, teacher.family)
             # Written last: an export cut short by a kill has no record, and the next run writes it again.
             state = {"step": step, "run_id": run.run_id, "uploaded": False}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
 # teacher, the same for SDXL in fp16 on a tiny SDXL teacher (full and LoRA, sampled by scripts/sample.py), the step
-# under PyTorch's sync debug mode (scripts/sync_check.py), then the
+# under PyTorch's sync debug mode (scripts/sync_check.py), FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs, then the
 # three benchmarks (teacher batching, throughput, memory) at Stable Diffusion 1.5's shapes and the memory/speed one at SDXL's
 # shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
 # saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out).
@@ -46,18 +46,26 @@ step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print P
     fi
 }
 
-launch() {  # launch SCRIPT PRECISION FLAGS...: accelerate launch, one process; precision "no" without CUDA
-    local script=$1 mp=$2
+launch() {  # launch SCRIPT PRECISION FLAGS...: accelerate launch, one process; precision "no" without CUDA.
+    # With ENGINE=an accelerate config (FSDP, DeepSpeed): under it (on CPU through tests/engine_on_cpu.py, as the
+    # tests run it; DeepSpeed then uses its own CPU accelerator, not accelerate's CPU mode).
+    local script=$1 mp=$2 target=("$ROOT/$1") mode=(--num_processes 1) cpu_env=()
     shift 2
-    if [ "$HAS_CUDA" = 1 ]; then
-        local mode=(--num_processes 1)
-    else
-        local mode=(--cpu --num_processes 1)
-        mp=no
-        export ACCELERATE_USE_CPU=1
+    if [ -n "${ENGINE:-}" ]; then
+        mode=(--config_file "$ROOT/$ENGINE" --num_processes 1)
+        [ "$HAS_CUDA" = 1 ] || target=("$ROOT/tests/engine_on_cpu.py" "${target[@]}")
     fi
-    python3 -m accelerate.commands.launch "${mode[@]}" --num_machines 1 --mixed_precision "$mp" \
-        --dynamo_backend no "$ROOT/$script" --mixed_precision "$mp" "$@"
+    if [ "$HAS_CUDA" != 1 ]; then
+        mp=no
+        if [ -n "${ENGINE:-}" ] && grep -q "distributed_type: DEEPSPEED" "$ROOT/$ENGINE"; then
+            cpu_env=(-u ACCELERATE_USE_CPU)
+        else
+            [ -n "${ENGINE:-}" ] || mode=(--cpu --num_processes 1)
+            cpu_env=(ACCELERATE_USE_CPU=1)
+        fi
+    fi
+    env "${cpu_env[@]}" python3 -m accelerate.commands.launch "${mode[@]}" --num_machines 1 --mixed_precision "$mp" \
+        --dynamo_backend no "${target[@]}" --mixed_precision "$mp" "$@"
 }
 
 tiny_flags() {  # tests/conftest.py base_args, with the shards, checkpoints at 10 and 20, validation at the end
@@ -74,8 +82,9 @@ train_and_resume() {  # train_and_resume SCRIPT PRECISION NAME FLAGS...: 20 step
     # shellcheck disable=SC2046
     launch "$script" "$mp" $(tiny_flags) --output_dir "$out" --max_train_steps 20 --validation_steps 20 \
         --validation_prompts "a red square" "a blue circle" --validation_inference_steps 1 2 4 "$@" || return 1
-    for f in unet/diffusion_pytorch_model.safetensors unet_target scheduler/scheduler_config.json checkpoint-10 \
-             checkpoint-20 validation/step-000020.png; do
+    local weights="unet/diffusion_pytorch_model.safetensors unet_target"
+    [ "$script" = train_lcm_lora.py ] && weights=pytorch_lora_weights.safetensors
+    for f in $weights scheduler/scheduler_config.json checkpoint-10 checkpoint-20 validation/step-000020.png; do
         [ -e "$out/$f" ] || { echo "missing $out/$f"; return 1; }
     done
     log=$W/$name.resume.log
@@ -85,6 +94,30 @@ train_and_resume() {  # train_and_resume SCRIPT PRECISION NAME FLAGS...: 20 step
         --resume_from_checkpoint latest "$@" 2>&1 | tee "$log" || return 1
     grep -q "resumed from $out/checkpoint-20 at step 20" "$log" || { echo "no 'resumed from checkpoint-20'"; return 1; }
     [ -e "$out/validation/step-000025.png" ] || { echo "missing validation/step-000025.png"; return 1; }
+}
+
+# FSDP2 with the shipped config on one GPU in bf16 (FSDP's own mixed precision: bf16 compute, fp32 shards), full
+# distillation with its sharded EMA target and LCM-LoRA, each trained, checkpointed and resumed from latest, then
+# sampled in a stock pipeline. Several processes are tested on CPU (tests/test_engines.py).
+s_fsdp() {
+    ENGINE=configs/accelerate_fsdp.yaml train_and_resume train_lcm_distill.py bf16 full_fsdp || return 1
+    ENGINE=configs/accelerate_fsdp.yaml train_and_resume train_lcm_lora.py bf16 lora_fsdp --lora_rank 8 \
+        --lora_alpha 8 || return 1
+    for run in full_fsdp lora_fsdp; do
+        python3 scripts/sample.py --model "$W/$run" --steps 1 4 --out "$OUT/sample_$run.png" || return 1
+    done
+}
+# DeepSpeed with the shipped configs on one GPU: ZeRO-2 in fp16 (DeepSpeed's loss scaler) for full distillation
+# and LoRA, ZeRO-3 in bf16 for full distillation; each trained, checkpointed, resumed and sampled.
+s_deepspeed() {
+    python3 -c "import deepspeed" 2>/dev/null || { echo "deepspeed is not importable: pip install deepspeed"; return 1; }
+    ENGINE=configs/accelerate_deepspeed_zero2.yaml train_and_resume train_lcm_distill.py fp16 full_zero2 || return 1
+    ENGINE=configs/accelerate_deepspeed_zero2.yaml train_and_resume train_lcm_lora.py fp16 lora_zero2 --lora_rank 8 \
+        --lora_alpha 8 || return 1
+    ENGINE=configs/accelerate_deepspeed_zero3.yaml train_and_resume train_lcm_distill.py bf16 full_zero3 || return 1
+    for run in full_zero2 lora_zero2 full_zero3; do
+        python3 scripts/sample.py --model "$W/$run" --steps 1 4 --out "$OUT/sample_$run.png" || return 1
+    done
 }
 
 # ---------------------------------------------------------------------------------------------------- the steps
@@ -316,7 +349,7 @@ s_throughput() {
                 precomputed_log_every_step
     fi 2>&1 | tee "$W/throughput.log"
 }
-export -f step launch tiny_flags train_and_resume s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
+export -f step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
     s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16 s_sync s_throughput
 
 main() {
@@ -353,6 +386,8 @@ main() {
     step sample_stock_pipelines 60 s_sample
     step sdxl_fp16_train+sample 120 s_sdxl_fp16
     step sync_free_step 90 s_sync
+    step fsdp_train+resume+sample 150 s_fsdp
+    step deepspeed_train+resume+sample 200 s_deepspeed
     for pair in full_fp16:25 full_bf16:25 lora_fp16:20; do
         local src=$W/${pair%%:*}/validation/step-0000${pair##*:}.png
         [ -f "$src" ] && cp "$src" "$OUT/val_${pair%%:*}.png"

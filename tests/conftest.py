@@ -45,21 +45,35 @@ def script_env(env=None):
     return full_env
 
 
-def launch_command(script, args, num_processes=1, quiet=False):
+def launch_command(script, args, num_processes=1, quiet=False, engine=None):
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    target = [os.path.join(ROOT, script)]
+    if engine:  # an accelerate config for FSDP or DeepSpeed, run on CPU through tests/engine_on_cpu.py
+        mode = ["--config_file", engine if os.path.isabs(engine) else os.path.join(ROOT, engine)]
+        target.insert(0, os.path.join(ROOT, "tests", "engine_on_cpu.py"))
     if quiet:  # as scripts/demo.sh launches: only the script's own error line on a failure
         mode += ["-q", "--num_cpu_threads_per_process", "1"]
     return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            os.path.join(ROOT, script), *map(str, args)]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target, *map(str, args)]
 
 
-def launch(script, args, num_processes=1, timeout=300, env=None, quiet=False):
+def engine_type(config_file):
+    import yaml
+
+    with open(config_file if os.path.isabs(config_file) else os.path.join(ROOT, config_file)) as f:
+        return yaml.safe_load(f)["distributed_type"]
+
+
+def launch(script, args, num_processes=1, timeout=300, env=None, quiet=False, engine=None):
     """Run a training script through `accelerate launch` on CPU, as a user would; returns CompletedProcess.
 
     Several CPU processes need `--multi_gpu` with ACCELERATE_USE_CPU=1: `--cpu --num_processes 2` silently
-    starts a single process (accelerate 1.x's simple launcher)."""
-    return subprocess.run(launch_command(script, args, num_processes, quiet), cwd=ROOT, env=script_env(env),
+    starts a single process (accelerate 1.x's simple launcher). engine: an accelerate config file (FSDP or
+    DeepSpeed; see tests/engine_on_cpu.py)."""
+    full_env = script_env(env)
+    if engine and engine_type(engine) == "DEEPSPEED":  # DeepSpeed's own CPU accelerator, not accelerate's CPU mode
+        del full_env["ACCELERATE_USE_CPU"]
+    return subprocess.run(launch_command(script, args, num_processes, quiet, engine), cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,17 +101,17 @@ def check_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def straight_and_resumed(script, make_args, tmp_path, num_processes=1, after=("checkpoint-4",)):
+def straight_and_resumed(script, make_args, tmp_path, num_processes=1, after=("checkpoint-4",), engine=None):
     """Run one command twice; in the second folder delete what came after checkpoint-2 (as if the run had been
     killed there) and rerun it with `--resume_from_checkpoint latest`. Returns (straight, resumed) folders."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     for out in (straight, resumed):
-        check_ok(launch(script, make_args(out), num_processes))
+        check_ok(launch(script, make_args(out), num_processes, engine=engine))
     for later in after:
         path = os.path.join(resumed, later)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.remove(os.path.join(resumed, "exported.json"))  # a run killed after checkpoint-2 exported nothing
-    result = launch(script, make_args(resumed) + ["--resume_from_checkpoint", "latest"], num_processes)
+    result = launch(script, make_args(resumed) + ["--resume_from_checkpoint", "latest"], num_processes, engine=engine)
     check_ok(result)
     assert f"resumed from {os.path.join(resumed, 'checkpoint-2')}" in result.stdout
     return straight, resumed
