@@ -90,6 +90,16 @@ def _module_params(module):
             yield (prefix + "." if prefix else ""), params
 
 
+def _master(param):
+    """DeepSpeed's fp32 master of a trainable parameter (a collective call), or None where it keeps none. Under
+    DeepSpeed in fp16/bf16 the module holds a low-precision copy; the fp32 weights live in its optimizer."""
+    if param.requires_grad and (hasattr(param, "_hp_mapping") or is_partitioned(param)):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return None
+
+
 def _is_main():
     import torch.distributed as dist
 
@@ -129,15 +139,17 @@ def shard_like(module, reference):
 
 
 def full_state_dict(module):
-    """The module's weights as full CPU tensors. Sharded (FSDP) or partitioned (ZeRO-3): a collective call on
-    every rank; the main process gets the tensors, the others an empty dict. Else the module's own state_dict
-    (no copy)."""
-    if any(is_partitioned(p) for p in module.parameters()):
+    """The module's weights as full CPU tensors. Sharded (FSDP) or in a DeepSpeed engine (the fp32 masters, ZeRO-3
+    partitions gathered): a collective call on every rank; the main process gets the tensors, the others an
+    empty dict. Else the module's own state_dict (no copy)."""
+    if any(is_partitioned(p) or hasattr(p, "_hp_mapping") for p in module.parameters()):
         state, main = {}, _is_main()
         for prefix, params in _module_params(module):
             with gathered(params.values()):
-                if main:
-                    state.update({prefix + name: p.detach().cpu().clone() for name, p in params.items()})
+                for name, p in params.items():
+                    master = _master(p)
+                    if main:
+                        state[prefix + name] = (p if master is None else master).detach().cpu().clone()
         if main:
             keys = module.state_dict().keys()
             state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name in keys})
@@ -187,8 +199,13 @@ def ema_update_modules(target, online, decay, gate=None):
 
 
 def full_tensors(tensors):
-    """{name: tensor} with every DTensor gathered to a full tensor (collective: call it on every rank)."""
-    return {name: t.full_tensor() if is_sharded(t) else t for name, t in tensors.items()}
+    """{name: tensor} with every DTensor gathered to a full tensor and every DeepSpeed parameter replaced by its
+    fp32 master (collective: call it on every rank)."""
+    full = {}
+    for name, t in tensors.items():
+        master = _master(t)
+        full[name] = t.full_tensor() if is_sharded(t) else t if master is None else master
+    return full
 
 
 @torch.no_grad()

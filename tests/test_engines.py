@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import base_args, check_ok, launch, straight_and_resumed
@@ -18,7 +19,8 @@ ZERO2 = "configs/accelerate_deepspeed_zero2.yaml"
 # A larger Adam epsilon than the default: biases in front of a GroupNorm have a gradient of exactly zero in exact
 # arithmetic, and 1e-8 would turn the rounding noise of a different reduction order into full-size steps.
 COMMON = dict(max_train_steps=4, checkpointing_steps=2, adam_epsilon=1e-4, validation_steps=4)
-LORA_FLAGS = dict(lora_rank=4, lora_alpha=8, max_train_steps=3, adam_epsilon=1e-4, validation_steps=3)
+LORA_FLAGS = dict(lora_rank=4, lora_alpha=8, max_train_steps=3, adam_epsilon=1e-4, validation_steps=3,
+                  gradient_accumulation_steps=2)  # under DeepSpeed the flag must win over the config
 
 
 def unet_weights(folder):
@@ -166,3 +168,24 @@ def test_non_finite_losses_under_zero2_leave_the_weights_alone(assets, tmp_path)
         after = {n: unet_weights(os.path.join(out, f"checkpoint-{n}", part)) for n in (1, 3, 4)}
         assert max_diff(after[1], after[3]) == 0, part
         assert max_diff(after[3], after[4]) > 0, part
+
+
+@pytest.mark.parametrize("engine, script", [(FSDP, FULL), (FSDP, LORA), (ZERO2, LORA), ("zero3", FULL)])
+def test_bf16_under_each_engine_trains_and_exports_fp32_weights(assets, tmp_path, request, engine, script):
+    """bf16 on CPU: FSDP computes in bf16 on fp32 shards; DeepSpeed keeps a bf16 copy in the module and the fp32
+    masters in its optimizer, and the checkpoint and export take the masters, not the rounded copy."""
+    config = request.getfixturevalue("zero3") if engine == "zero3" else engine
+    out = str(tmp_path / "run")
+    flags = LORA_FLAGS if script == LORA else COMMON
+    result = launch(script, base_args(assets, out, mixed_precision="bf16", **flags), num_processes=2, engine=config)
+    check_ok(result)
+    assert "bf16 on cpu" in result.stdout
+    if script == LORA:
+        weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    else:
+        weights = unet_weights(os.path.join(out, "unet"))
+        assert {v.dtype for v in unet_weights(os.path.join(out, "checkpoint-2", "unet")).values()} == {torch.float32}
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    # Trained fp32 weights: some are not bf16 numbers (a bf16 copy cast back to fp32 would be).
+    assert any((v != v.to(torch.bfloat16).float()).any() for v in weights.values())
