@@ -67,9 +67,6 @@ class FullDistillation(DistillationMethod):
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def update_target(self, gate=None):
-        # FSDP keeps the root unit's weights gathered after a no-grad forward: reshard them first.
-        if hasattr(self.target, "reshard"):
-            self.target.reshard()
         ema_update_modules(self.target, self.student, self.ema_decay, gate)
 
     def shard(self):

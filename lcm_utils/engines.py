@@ -47,6 +47,34 @@ def frozen_loading(acc):
         plugin.set_deepspeed_weakref()
 
 
+def engine_name(acc):
+    """The engine a checkpoint's optimizer state belongs to (recorded in it; a resume needs the same)."""
+    if uses_fsdp(acc):
+        return "FSDP"
+    return f"DeepSpeed ZeRO-{zero_stage(acc)}" if uses_deepspeed(acc) else "DDP"
+
+
+def checkpoint_engine(state, folder):
+    """The engine that wrote a checkpoint: recorded in its state, or (older checkpoints) read from its files."""
+    if "engine" in state:
+        return state["engine"]
+    if os.path.isdir(os.path.join(folder, "deepspeed")):
+        return "DeepSpeed"
+    return "FSDP" if os.path.isfile(os.path.join(folder, OPTIMIZER_FSDP_FILE)) else "DDP"
+
+
+def check_engine_support(acc):
+    """What accelerate can be configured to do and this trainer does not, before any model loads."""
+    from .config import ConfigError
+
+    if uses_fsdp(acc) and not acc.is_fsdp2:
+        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (as "
+                          "configs/accelerate_fsdp.yaml does; needs torch >= 2.6)")
+    if uses_fsdp(acc) and acc.state.fsdp_plugin.activation_checkpointing:
+        raise ConfigError("fsdp_activation_checkpointing is not supported (it renames the student's modules); set "
+                          "it to false in the accelerate config and pass --gradient_checkpointing instead")
+
+
 def configure_deepspeed(acc, args):
     """The run's micro batch, accumulation and clipping flags into the DeepSpeed config, before the engine is
     built: accelerate reads the micro batch from a DataLoader it prepares (the stream is not one), and where the

@@ -21,8 +21,8 @@ from . import checkpoint as ckpt
 from .config import (HUB_ID, ConfigError, add_shared_flags, config_text, parse_args, save_resolved_config,
                      teacher_revision, validate)
 from .data import DataError, DataSpec, ReaderError, TrainStream, check_data_spec
-from .engines import (configure_deepspeed, frozen_loading, load_optimizer_state, save_optimizer_state, uses_deepspeed,
-                      uses_fsdp, zero_stage)
+from .engines import (check_engine_support, checkpoint_engine, configure_deepspeed, engine_name, frozen_loading,
+                      load_optimizer_state, save_optimizer_state, uses_deepspeed, uses_fsdp, zero_stage)
 from .objective import SolverSchedule, lcd_loss, make_objective
 from .safety import StepHealth, StopAgreement, StopSignals, TrainingError, parse_stop_signals, resume_command
 from .evaluation import decode_to_array, labelled_grid, sampling_kwargs
@@ -296,6 +296,7 @@ def train_loop(run, stop):
     if stream.precomputed:
         for note in check_precomputed(stream.precomputed, args, family_cls):
             run.log(f"note: {note}")
+    check_engine_support(acc)
     method.check_engine(args, acc)
     # From precomputed shards the VAE and text encoders only serve validation: they wait on the CPU.
     with frozen_loading(acc):
@@ -330,7 +331,9 @@ def train_loop(run, stop):
     method.student_model, optimizer = acc.prepare(method.student, optimizer)
     if uses_fsdp(acc):
         method.shard()
-        params = method.trainable_parameters()  # FSDP replaced them by their shards
+        # FSDP replaced the parameters by their shards. Clipping takes the whole model's: accelerate clips those
+        # in one pass (frozen ones have no gradient), and unscales fp16 gradients twice for a subset.
+        params = list(method.student_model.parameters())
     schedule = SolverSchedule.from_scheduler(teacher.noise_scheduler, args.num_ddim_timesteps,
                                              args.timestep_scaling_factor, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
@@ -591,6 +594,7 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         ckpt.write_json(os.path.join(folder, ckpt.STATE_FILE),
                         {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes, "run_id": run.run_id,
+                         "engine": engine_name(acc),
                          "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
         final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
         run.log(f"saved {final}")
@@ -625,7 +629,12 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     rank_states = [ckpt.read_json(os.path.join(path, f"rank_{r}.json")) for r in range(state["num_processes"])]
     old_workers = rank_states[0]["data"]["num_workers"]
     same_layout = state["num_processes"] == acc.num_processes and old_workers == stream.num_workers
-    if not same_layout and uses_deepspeed(acc):
+    written_by = checkpoint_engine(state, path)
+    if written_by != engine_name(acc) and not (written_by == "DeepSpeed" and uses_deepspeed(acc)):
+        raise ConfigError(f"--resume_from_checkpoint: '{path}' was written under {written_by} and this run is under "
+                          f"{engine_name(acc)}: the optimizer state has another layout; relaunch with the accelerate "
+                          f"config that wrote it")
+    if state["num_processes"] != acc.num_processes and uses_deepspeed(acc):
         raise ConfigError(f"--resume_from_checkpoint: '{path}' was written by {state['num_processes']} processes and "
                           f"DeepSpeed keeps one optimizer shard per process; relaunch with that number")
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)

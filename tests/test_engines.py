@@ -106,19 +106,25 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_not_without_fsdp(assets, 
     assert max_diff(saved, unet_weights(os.path.join(out, "unet"))) > 1e-5  # it went on training from there
     assert os.path.isdir(os.path.join(out, "checkpoint-4"))
 
+    expected = (f"error: --resume_from_checkpoint: '{no_fsdp}/checkpoint-2' was written under FSDP and this run is "
+                "under {}: the optimizer state has another layout; relaunch with the accelerate config that wrote it")
     result = launch(FULL, base_args(assets, no_fsdp, **COMMON) + ["--resume_from_checkpoint", "latest"], quiet=True)
     assert result.returncode == 1  # the script's status 2, as accelerate's launcher reports it
-    assert result.stderr.strip().splitlines() == [
-        f"error: --resume_from_checkpoint: '{no_fsdp}/checkpoint-2' was written with FSDP and this run is without "
-        f"it: the optimizer state has another layout; relaunch with the accelerate config that wrote it"]
+    assert result.stderr.strip().splitlines() == [expected.format("DDP")]
+    result = launch(FULL, base_args(assets, no_fsdp, **COMMON) + ["--resume_from_checkpoint", "latest"], engine=ZERO2)
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == \
+        [expected.format("DeepSpeed ZeRO-2")], result.stderr[-3000:]
+    assert "]: Traceback" not in result.stderr
 
 
-def test_lora_under_fsdp_matches_ddp(assets, tmp_path, ddp):
-    out = str(tmp_path / "fsdp")
-    check_ok(launch(LORA, base_args(assets, out, **LORA_FLAGS), num_processes=2, engine=FSDP))
-    assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
-    assert max_diff(load_file(os.path.join(out, "pytorch_lora_weights.safetensors")),
-                    load_file(os.path.join(ddp["lora"], "pytorch_lora_weights.safetensors"))) < 1e-6
+def test_lora_under_fsdp_matches_ddp_and_resumes_exactly(assets, tmp_path, ddp):
+    straight, resumed = straight_and_resumed(
+        LORA, lambda out: base_args(assets, out, checkpointing_steps=2, **LORA_FLAGS), tmp_path, num_processes=2,
+        engine=FSDP, after=("checkpoint-3", "pytorch_lora_weights.safetensors"))
+    assert os.path.isfile(os.path.join(straight, "validation", "step-000003.png"))
+    lora = {out: load_file(os.path.join(out, "pytorch_lora_weights.safetensors")) for out in (straight, resumed)}
+    assert max_diff(lora[straight], lora[resumed]) == 0
+    assert max_diff(lora[straight], load_file(os.path.join(ddp["lora"], "pytorch_lora_weights.safetensors"))) < 1e-6
 
 
 def test_lora_ema_under_fsdp_and_lora_under_zero3_are_refused_before_loading(assets, tmp_path, zero3):
@@ -149,8 +155,18 @@ def test_full_distillation_under_zero3_matches_ddp_and_resumes_exactly(assets, t
 
 
 def test_lora_under_zero2_matches_ddp(assets, tmp_path, ddp):
+    """With gradient_accumulation_steps: 1 in the DeepSpeed config: the run's --gradient_accumulation_steps 2
+    wins (accelerate alone would keep the config's and only warn), so the result is DDP's with 2."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), ZERO2)) as f:
+        config = yaml.safe_load(f)
+    config["deepspeed_config"]["gradient_accumulation_steps"] = 1
+    engine = str(tmp_path / "zero2_accumulation_1.yaml")
+    with open(engine, "w") as f:
+        yaml.safe_dump(config, f)
     out = str(tmp_path / "zero2")
-    check_ok(launch(LORA, base_args(assets, out, **LORA_FLAGS), num_processes=2, engine=ZERO2))
+    check_ok(launch(LORA, base_args(assets, out, **LORA_FLAGS), num_processes=2, engine=engine))
     assert max_diff(load_file(os.path.join(out, "pytorch_lora_weights.safetensors")),
                     load_file(os.path.join(ddp["lora"], "pytorch_lora_weights.safetensors"))) < 1e-6
 
