@@ -272,11 +272,14 @@ def read_unet_weights(folder):
 
 
 def save_optimizer_state(acc, model, optimizer, folder):
-    """The optimizer state into the checkpoint folder. Under FSDP the shards are gathered by parameter name
-    (collective; the main process writes), so the state loads on any number of processes."""
+    """The optimizer state into the checkpoint folder. DeepSpeed: every rank writes its own partition through
+    accelerate (DeepSpeed's files). FSDP: the shards gathered by parameter name (collective; the main process
+    writes), so the state loads on any number of processes. Else torch's state_dict, from the main process."""
     from .checkpoint import save_torch
 
-    if uses_fsdp(acc):
+    if uses_deepspeed(acc):
+        acc.save_state(os.path.join(folder, "deepspeed"))
+    elif uses_fsdp(acc):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(model, _inner(optimizer),
@@ -288,23 +291,18 @@ def save_optimizer_state(acc, model, optimizer, folder):
 
 
 def load_optimizer_state(acc, model, optimizer, folder):
+    """Inverse of save_optimizer_state; resume has checked that the same engine wrote the checkpoint."""
     from .checkpoint import load_torch
-    from .config import ConfigError
 
-    fsdp, name = uses_fsdp(acc), OPTIMIZER_FSDP_FILE if uses_fsdp(acc) else OPTIMIZER_FILE
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        written, now = ("without", "with") if fsdp else ("with", "without")
-        raise ConfigError(f"--resume_from_checkpoint: '{folder}' was written {written} FSDP and this run is "
-                          f"{now} it: the optimizer state has another layout; relaunch with the accelerate config "
-                          f"that wrote it")
-    state = load_torch(path)
-    if fsdp:
+    if uses_deepspeed(acc):
+        acc.load_state(os.path.join(folder, "deepspeed"))
+    elif uses_fsdp(acc):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, _inner(optimizer), load_torch(os.path.join(folder, OPTIMIZER_FSDP_FILE)),
+                                 options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(load_torch(os.path.join(folder, OPTIMIZER_FILE)))
 
 
 def _inner(optimizer):

@@ -586,7 +586,7 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     if acc.is_main_process:
         run.method.save_state(folder, weights)
     del weights
-    save_optimizer(acc, run.method.student_model, optimizer, folder)
+    save_optimizer_state(acc, run.method.student_model, optimizer, folder)
     ckpt.write_json(os.path.join(folder, f"rank_{acc.process_index}.json"),
                     {"rng": ckpt.rng_state(generator), "data": stream.state_dict()})
     acc.wait_for_everyone()
@@ -599,22 +599,6 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
         final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
         run.log(f"saved {final}")
     acc.wait_for_everyone()
-
-
-def save_optimizer(acc, model, optimizer, folder):
-    """Optimizer state into the checkpoint. ZeRO partitions it across ranks, so under DeepSpeed every rank saves
-    its part through accelerate (DeepSpeed's own files); FSDP's is gathered to full tensors."""
-    if uses_deepspeed(acc):
-        acc.save_state(os.path.join(folder, "deepspeed"))
-    else:
-        save_optimizer_state(acc, model, optimizer, folder)
-
-
-def load_optimizer(acc, model, optimizer, folder):
-    if uses_deepspeed(acc):
-        acc.load_state(os.path.join(folder, "deepspeed"))
-    else:
-        load_optimizer_state(acc, model, optimizer, folder)
 
 
 def resume(run, optimizer, lr_scheduler, stream, generator):
@@ -640,7 +624,7 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
     run.run_id = state.get("run_id", run.run_id)
     run.method.load_state(path)
-    load_optimizer(acc, run.method.student_model, optimizer, path)
+    load_optimizer_state(acc, run.method.student_model, optimizer, path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
