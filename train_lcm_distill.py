@@ -12,16 +12,18 @@ copy of the student (LCM paper, Algorithm 1). Everything else is shared with tra
 import copy
 import os
 
-from lcm_utils.config import ConfigError
 from lcm_utils.consistency import guidance_embedding
-from lcm_utils.engines import (ema_update_modules, full_state_dict, load_full_state_dict, read_unet_weights,
-                               shard_like, write_unet)
-from lcm_utils.teacher import build_student
-from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
+from lcm_utils.engines import (ema_update_modules, full_state_dict, load_full_state_dict, read_model_weights,
+                               shard_like, write_model_folder)
+from lcm_utils.errors import ConfigError
+from lcm_utils.tensors import in_dtype
+from lcm_utils.training import (DistillationMethod, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
+
 
 class FullDistillation(DistillationMethod):
     name = "full LCM distillation"
+    card_kind = "-distilled"
     foreign_flags = ("--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_target_modules")
     foreign_script = "train_lcm_lora.py for LCM-LoRA"
 
@@ -39,31 +41,35 @@ class FullDistillation(DistillationMethod):
             raise ConfigError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
 
     def build(self, teacher, args, weight_dtype):
-        self.teacher_unet = teacher.unet
-        self.student = build_student(teacher.unet, args.unet_time_cond_proj_dim).to(teacher.unet.device).train()
+        self.teacher_denoiser = teacher.denoiser
+        self.student = self.family.build_student(teacher.denoiser, args.unet_time_cond_proj_dim)
+        self.student = self.student.to(teacher.denoiser.device).train()
         if args.cast_teacher_unet:  # only after the student copied the fp32 weights
-            teacher.unet.to(dtype=weight_dtype)
+            teacher.denoiser.to(dtype=weight_dtype)
         # The target keeps fp32 weights: an EMA with mu = 0.95 adds updates a bf16 weight would round away.
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.guidance_embedding_dim = self.student.config.time_cond_proj_dim
+        self.guidance_embedding_dim = self.family.guidance_embedding_dim(self.student)
         self.ema_decay = args.ema_decay
 
-    def unets(self):
-        return [self.student, self.target, self.teacher_unet]
+    def denoisers(self):
+        return [self.student, self.target, self.teacher_denoiser]
+
+    def _inputs(self, model, z, cond):
+        return in_dtype(model.dtype, z, cond, self.family.fp32_conditions)
 
     def _w_embedding(self, w, dtype):
         return guidance_embedding(w, self.guidance_embedding_dim).to(dtype)
 
     def student_forward(self, z, t, cond, w):
-        z, cond = in_dtype(self.student.dtype, z, cond)
+        z, cond = self._inputs(self.student, z, cond)
         return self.student_model(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def teacher_forward(self, z, t, cond):
-        z, cond = in_dtype(self.teacher_unet.dtype, z, cond)
-        return self.teacher_unet(z, t, **cond).sample
+        z, cond = self._inputs(self.teacher_denoiser, z, cond)
+        return self.teacher_denoiser(z, t, **cond).sample
 
     def target_forward(self, z, t, cond, w):
-        z, cond = in_dtype(self.target.dtype, z, cond)
+        z, cond = self._inputs(self.target, z, cond)
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def update_target(self, gate=None):
@@ -72,31 +78,37 @@ class FullDistillation(DistillationMethod):
     def shard(self):
         shard_like(self.target, self.student)
 
+    def _parts(self, student_only=False):
+        """{folder name: module}: the student in the family's denoiser folder, the target beside it."""
+        folder = self.family.denoiser_folder
+        return {folder: self.student} if student_only else {folder: self.student, f"{folder}_target": self.target}
+
     def snapshot(self, student_only=False):
-        parts = {"unet": self.student} if student_only else {"unet": self.student, "unet_target": self.target}
-        return {name: full_state_dict(module) for name, module in parts.items()}
+        return {name: full_state_dict(module) for name, module in self._parts(student_only).items()}
 
     def save_state(self, folder, weights):
         for name, state in weights.items():
-            write_unet(self.student, os.path.join(folder, name), state)
+            write_model_folder(self.student, os.path.join(folder, name), state)
 
     def load_state(self, folder):
-        for module, name in ((self.student, "unet"), (self.target, "unet_target")):
-            load_full_state_dict(module, read_unet_weights(os.path.join(folder, name)))
+        for name, module in self._parts().items():
+            load_full_state_dict(module, read_model_weights(os.path.join(folder, name)))
 
     def export(self, output_dir, weights):
         self.save_state(output_dir, weights)
         pipeline, guidance = self.family.pipeline_class_name, self.args.w_min + 1
-        scheduler, extra, steps = sampler_usage(self.args)
+        model, folder = self.family.denoiser_class_name, self.family.denoiser_folder
+        scheduler, extra, steps = sampler_usage(self.objective)
         also = ("\n\n`LatentConsistencyModelPipeline` loads it the same way." if pipeline == "StableDiffusionPipeline"
                 and scheduler == "LCMScheduler" else "")
         return (
-            "Use `unet/` (the online student; `unet_target/` is its EMA, often a little smoother):\n\n"
+            f"Use `{folder}/` (the online student; `{folder}_target/` is its EMA, often a little smoother):\n\n"
             "```python\n"
-            f"from diffusers import {vae_import(self.args)}{scheduler}, {pipeline}, UNet2DConditionModel\n"
-            f'unet = UNet2DConditionModel.from_pretrained("{output_dir}", subfolder="unet")\n'
+            f"from diffusers import {vae_import(self.args)}{scheduler}, {pipeline}, {model}\n"
+            f'{folder} = {model}.from_pretrained("{output_dir}", subfolder="{folder}")\n'
             f'scheduler = {scheduler}.from_pretrained("{output_dir}", subfolder="scheduler")\n'
-            f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args)}, unet=unet, scheduler=scheduler)\n"
+            f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args)}, {folder}={folder}, "
+            f"scheduler=scheduler)\n"
             f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={guidance:g}{extra})'
             '.images[0]\n'
             f"```{also}\n\nThe student takes the guidance w as an input (no CFG pass at sampling); diffusers' "
@@ -105,10 +117,9 @@ class FullDistillation(DistillationMethod):
         )
 
     def validation_pipeline(self, folder, teacher, args, device, weights):
-        from diffusers import UNet2DConditionModel
-
-        write_unet(self.student, folder, weights["unet"])
-        return stock_pipeline(teacher, UNet2DConditionModel.from_pretrained(folder).to(device).eval(), args)
+        write_model_folder(self.student, folder, weights[self.family.denoiser_folder])
+        student = self.family.denoiser_class().from_pretrained(folder).to(device).eval()
+        return stock_pipeline(teacher, student, self.objective, args)
 
     def default_validation_guidance(self, args):
         return args.w_min + 1  # the pipeline embeds guidance_scale - 1 = w_min, a value seen in training

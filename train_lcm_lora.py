@@ -15,20 +15,19 @@ import os
 import torch
 
 from lcm_utils.checkpoint import load_tensors, save_tensors
-from lcm_utils.config import ConfigError
 from lcm_utils.consistency import ema_update
 from lcm_utils.engines import copy_full_into, full_tensors, uses_fsdp, zero_stage
-from lcm_utils.training import (DistillationMethod, in_dtype, main, pretrained_parts, sampler_usage, stock_pipeline,
+from lcm_utils.errors import ConfigError
+from lcm_utils.families import load_teacher_denoiser
+from lcm_utils.tensors import in_dtype
+from lcm_utils.training import (DistillationMethod, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
-
-# Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
-DEFAULT_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
-                          "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 class LoraDistillation(DistillationMethod):
     name = "LCM-LoRA distillation"
+    card_kind = "-LoRA"
+    card_tags = ("lora", "lcm-lora")
     foreign_flags = ("--unet_time_cond_proj_dim",)
     foreign_script = "train_lcm_distill.py: a LoRA student has no w-embedding"
 
@@ -38,8 +37,10 @@ class LoraDistillation(DistillationMethod):
         g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r.")
         g.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (scale = alpha / r).")
         g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
-        g.add_argument("--lora_target_modules", type=str, default=DEFAULT_TARGET_MODULES,
-                       help="Comma-separated module names that get adapters.")
+        g.add_argument("--lora_target_modules", type=str, default=None,
+                       help="Comma-separated module names that get adapters (default: the teacher family's: for SD "
+                            "and SDXL UNets, the attention projections, transformer in/out, feed-forward, ResNet "
+                            "convs, resamplers and time-embedding projections).")
         g.add_argument("--ema_decay", type=float, default=0.0,
                        help="0: the target is the online adapters (LCM-LoRA). > 0: EMA of the adapter weights.")
 
@@ -50,7 +51,7 @@ class LoraDistillation(DistillationMethod):
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
         if not 0.0 <= args.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be in [0, 1) for LoRA (0 = no EMA), got {args.ema_decay}")
-        if not self.target_modules(args):
+        if args.lora_target_modules is not None and not self.target_modules(args):
             raise ConfigError("--lora_target_modules is empty; give comma-separated module names")
 
     @staticmethod
@@ -61,7 +62,9 @@ class LoraDistillation(DistillationMethod):
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        unet = self.student = teacher.unet
+        if args.lora_target_modules is None:  # resolved here so that training_config.yaml records the family's
+            args.lora_target_modules = self.family.lora_target_modules
+        unet = self.student = teacher.denoiser
         if args.cast_teacher_unet:  # the frozen base is the teacher: its weights in the low precision
             unet.to(dtype=weight_dtype)
         try:
@@ -76,20 +79,24 @@ class LoraDistillation(DistillationMethod):
         self.ema = {n: p.detach().clone() for n, p in unet.named_parameters() if n in self.lora_names} \
             if self.ema_decay > 0 else None
 
-    def unets(self):
+    def denoisers(self):
         return [self.student]
+
+    def _inputs(self, z, cond):
+        """Inputs in the base's dtype (peft casts to the adapters' itself)."""
+        return in_dtype(self.student.dtype, z, cond, self.family.fp32_conditions)
 
     def lora_state(self):
         params = dict(self.student.named_parameters())
         return {name: params[name] for name in self.lora_names}
 
     def student_forward(self, z, t, cond, w):
-        z, cond = in_dtype(self.student.dtype, z, cond)  # the base's dtype; peft casts to the adapters' itself
+        z, cond = self._inputs(z, cond)
         return self.student_model(z, t, **cond).sample
 
     def teacher_forward(self, z, t, cond):
         # On the unwrapped UNet (not through DDP): a no-grad pass that must not take part in gradient sync.
-        z, cond = in_dtype(self.student.dtype, z, cond)
+        z, cond = self._inputs(z, cond)
         self.student.disable_adapters()
         try:
             return self.student(z, t, **cond).sample
@@ -97,7 +104,7 @@ class LoraDistillation(DistillationMethod):
             self.student.enable_adapters()
 
     def target_forward(self, z, t, cond, w):
-        z, cond = in_dtype(self.student.dtype, z, cond)
+        z, cond = self._inputs(z, cond)
         if self.ema is None:
             return self.student(z, t, **cond).sample
         # The EMA adapters stand in for the online ones for this call only; the online tensors stay
@@ -150,18 +157,16 @@ class LoraDistillation(DistillationMethod):
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.student, state_dict=tensors)
-        self.family.pipeline_class().save_lora_weights(
-            folder, unet_lora_layers=state, safe_serialization=True,
-            unet_lora_adapter_metadata=self.student.peft_config["default"].to_dict())
+        self.family.save_lora(folder, state, self.student.peft_config["default"].to_dict())
 
     def export(self, output_dir, weights):
         self.save_lora(output_dir, weights["lora"])
-        usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.args)
+        usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.objective)
         if self.ema is not None:
             self.save_lora(os.path.join(output_dir, "ema"), weights["lora_ema"])
             usage_ema = " `ema/` holds the EMA of the adapters, loadable the same way."
         return (
-            f"Use `{LORA_WEIGHTS}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
+            f"Use `{self.family.lora_weights_file}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
             "```python\n"
             f"from diffusers import {vae_import(self.args)}{scheduler}, {self.family.pipeline_class_name}\n"
             f"pipe = {self.family.pipeline_class_name}.from_pretrained({pretrained_parts(self.args)})\n"
@@ -174,14 +179,9 @@ class LoraDistillation(DistillationMethod):
         )
 
     def validation_pipeline(self, folder, teacher, args, device, weights):
-        from diffusers import UNet2DConditionModel
-
-        from lcm_utils.config import teacher_revision
-
         self.save_lora(folder, weights["lora"])
-        base = UNet2DConditionModel.from_pretrained(args.pretrained_teacher_model, subfolder="unet",
-                                                    revision=teacher_revision(args), cache_dir=args.cache_dir)
-        pipe = stock_pipeline(teacher, base.to(device, dtype=self.student.dtype).eval(), args)
+        base = load_teacher_denoiser(args, type(self.family))
+        pipe = stock_pipeline(teacher, base.to(device, dtype=self.student.dtype).eval(), self.objective, args)
         pipe.load_lora_weights(folder)
         return pipe
 

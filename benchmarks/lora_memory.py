@@ -192,7 +192,7 @@ def worker(kind, train_args):
         """The diffusers LoRA script's layout: the teacher pass runs on its own copy of the UNet."""
 
         def build(self, teacher, args, weight_dtype):
-            self.teacher_copy = copy.deepcopy(teacher.unet)
+            self.teacher_copy = copy.deepcopy(teacher.denoiser)
             if args.cast_teacher_unet:  # as diffusers casts its teacher copy
                 self.teacher_copy.to(dtype=weight_dtype)
             super().build(teacher, args, weight_dtype)

@@ -37,8 +37,8 @@ def main():
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lcm_utils.objective import SolverSchedule
-    from lcm_utils.teacher import build_student
+    from lcm_utils.families import StableDiffusion
+    from lcm_utils.objectives import SolverSchedule
     from lcm_utils.tiny import SD_SCHEDULER
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,8 +56,8 @@ def main():
         latent = args.resolution // vae_factor(args)
     teacher = teacher.to(device).eval().requires_grad_(False)
     with torch.device(device):  # the students' fresh UNets are made on the device (a GPU initialises fast)
-        student = build_student(teacher, 256).to(device).train()
-        target = build_student(teacher, 256).to(device).requires_grad_(False)
+        student = StableDiffusion.build_student(teacher, 256).to(device).train()
+        target = StableDiffusion.build_student(teacher, 256).to(device).requires_grad_(False)
     teacher.to(dtype)  # frozen teacher in the compute dtype, as with --cast_teacher_unet
     schedule = SolverSchedule.from_scheduler(scheduler, 50, 10.0, device)
     params = sum(p.numel() for p in teacher.parameters()) / 1e6
@@ -67,7 +67,7 @@ def main():
 
 def measure(args, device, dtype, teacher, student, target, schedule, B, latent, params):
     from lcm_utils.consistency import guidance_embedding
-    from lcm_utils.objective import lcd_loss
+    from lcm_utils.objectives import lcd_loss
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

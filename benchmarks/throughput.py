@@ -46,7 +46,7 @@ def time_passes(method, inputs, autocast, repeats):
     batched teacher forward (cond and uncond stacked), one target forward."""
     import torch
 
-    from lcm_utils.objective import stack_conditions
+    from lcm_utils.objectives import stack_conditions
 
     z0, cond, uncond, w = inputs
     batch = z0.shape[0]
@@ -85,7 +85,8 @@ def worker(script, warmup, repeats, train_args):
     """One row in this process: train, time each optimizer step, then time the irreducible passes; print JSON."""
     import torch
 
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
+    from lcm_utils.training import main
     from train_lcm_distill import FullDistillation
     from train_lcm_lora import LoraDistillation
 
@@ -115,7 +116,7 @@ def worker(script, warmup, repeats, train_args):
         def export(self, output_dir):
             return ""
 
-    training.main(Timed, script, train_args)
+    main(Timed, script, train_args)
     steps = sorted(b - a for a, b in zip(step_ends[warmup:], step_ends[warmup + 1:]))
     step = statistics.median(steps)
     dtype = holder["dtype"]

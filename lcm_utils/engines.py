@@ -12,7 +12,11 @@ import os
 
 import torch
 
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+from .checkpoint import load_tensors, load_torch, save_tensors, save_torch
+from .consistency import ema_update
+from .errors import ConfigError
+
+MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"  # torch's own state_dict(): parameters by index
 OPTIMIZER_FSDP_FILE = "optimizer_fsdp.pt"  # torch.distributed.checkpoint's full state: parameters by name
 
@@ -65,8 +69,6 @@ def checkpoint_engine(state, folder):
 
 def check_engine_support(acc):
     """What accelerate can be configured to do and this trainer does not, before any model loads."""
-    from .config import ConfigError
-
     if uses_fsdp(acc) and not acc.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (as "
                           "configs/accelerate_fsdp.yaml does; needs torch >= 2.6)")
@@ -215,8 +217,6 @@ def ema_update_modules(target, online, decay, gate=None):
     """target <- EMA of online (two modules of the same structure; see consistency.ema_update). FSDP: the two are
     sharded alike and each rank updates its own shards. ZeRO-3: the online weights are gathered one submodule
     at a time into the whole target that every rank holds."""
-    from .consistency import ema_update
-
     if not any(is_partitioned(p) for p in online.parameters()):
         ema_update(local_shards(target.parameters()), local_shards(online.parameters()), decay, gate)
         return
@@ -246,23 +246,19 @@ def copy_full_into(param, full):
     param.copy_(full)
 
 
-def write_unet(module, folder, state):
+def write_model_folder(module, folder, state):
     """A diffusers model folder (config.json + one safetensors file) from the full `state` of `module`; what
     save_pretrained writes, except that a model above 10 GB (SDXL in fp32) stays one file."""
-    from .checkpoint import save_tensors
-
     os.makedirs(folder, exist_ok=True)
     module.save_config(folder)
-    save_tensors(state, os.path.join(folder, UNET_WEIGHTS))
+    save_tensors(state, os.path.join(folder, MODEL_WEIGHTS))
 
 
-def read_unet_weights(folder):
+def read_model_weights(folder):
     """The full weights in a model folder, whether one safetensors file or save_pretrained's shards + index."""
-    from .checkpoint import load_tensors
-
-    index = os.path.join(folder, UNET_WEIGHTS + ".index.json")
+    index = os.path.join(folder, MODEL_WEIGHTS + ".index.json")
     if not os.path.isfile(index):
-        return load_tensors(os.path.join(folder, UNET_WEIGHTS))
+        return load_tensors(os.path.join(folder, MODEL_WEIGHTS))
     with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     state = {}
@@ -275,8 +271,6 @@ def save_optimizer_state(acc, model, optimizer, folder):
     """The optimizer state into the checkpoint folder. DeepSpeed: every rank writes its own partition through
     accelerate (DeepSpeed's files). FSDP: the shards gathered by parameter name (collective; the main process
     writes), so the state loads on any number of processes. Else torch's state_dict, from the main process."""
-    from .checkpoint import save_torch
-
     if uses_deepspeed(acc):
         acc.save_state(os.path.join(folder, "deepspeed"))
     elif uses_fsdp(acc):
@@ -292,8 +286,6 @@ def save_optimizer_state(acc, model, optimizer, folder):
 
 def load_optimizer_state(acc, model, optimizer, folder):
     """Inverse of save_optimizer_state; resume has checked that the same engine wrote the checkpoint."""
-    from .checkpoint import load_torch
-
     if uses_deepspeed(acc):
         acc.load_state(os.path.join(folder, "deepspeed"))
     elif uses_fsdp(acc):

@@ -1,7 +1,7 @@
 """Sampling teachers and distilled students with stock diffusers pipelines from fixed noise, for comparisons.
 
-Everything goes through `StableDiffusionPipeline` with a swapped scheduler, so the numbers describe what a
-user loading the outputs gets. All functions take the initial latents explicitly: the same noise for every
+Everything goes through the teacher family's stock pipeline with a swapped scheduler, so the numbers describe what
+a user loading the outputs gets. All functions take the initial latents explicitly: the same noise for every
 method is what makes the endpoint error (LCM paper, sec. 5: the PF-ODE solution from that noise) meaningful.
 """
 
@@ -9,19 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .families import family_at
+from .objectives import make_objective
+
 
 def load_teacher_pipeline(teacher, device):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def sampling_kwargs(objective, tcd_gamma):
-    """Pipeline call arguments of an objective's sampler: TCDScheduler's gamma is the pipelines' `eta` (TCD: the
-    run's gamma; PCM: 0, deterministic edge to edge); LCMScheduler takes none."""
-    return {"tcd": {"eta": tcd_gamma}, "pcm": {"eta": 0.0}}.get(objective, {})
+    return family_at(teacher).load_pipeline(teacher).to(device)
 
 
 def exported_scheduler(model_dir):
@@ -49,33 +42,33 @@ def training_config(model_dir):
 def output_sampling_kwargs(model_dir):
     """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM)."""
     trained = training_config(model_dir)
-    return sampling_kwargs(trained.get("objective", "lcm"), trained.get("tcd_gamma", 0.3))
+    objective = make_objective(trained.get("objective", "lcm"), trained.get("num_phases", 4),
+                               trained.get("tcd_gamma", 0.3))
+    return objective.sampling_kwargs()
 
 
 def load_student_pipeline(teacher, model_dir, kind, device):
     """`kind` 'full': the output_dir of train_lcm_distill.py; 'lora': that of train_lcm_lora.py. Both sample with
     the scheduler exported next to them (pass output_sampling_kwargs(model_dir) to sample_latents)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    extra = {"unet": UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")} if kind == "full" else {}
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, scheduler=exported_scheduler(model_dir),
-                                                   safety_checker=None, requires_safety_checker=False, **extra)
+    family = family_at(teacher)
+    folder = family.denoiser_folder
+    extra = {folder: family.denoiser_class().from_pretrained(model_dir, subfolder=folder)} if kind == "full" else {}
+    pipe = family.load_pipeline(teacher, scheduler=exported_scheduler(model_dir), **extra)
     if kind == "lora":
         pipe.load_lora_weights(model_dir)
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def load_untrained_student_pipeline(teacher_pipe):
     """The student at step 0 (teacher weights plus a zero-initialised w-embedding) with the default LCMScheduler,
     sharing the teacher pipeline's other parts: what distillation starts from."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler
 
-    from .teacher import build_student
-
-    parts = {k: v for k, v in teacher_pipe.components.items() if k not in ("unet", "scheduler")}
-    pipe = StableDiffusionPipeline(**parts, unet=build_student(teacher_pipe.unet, 256),
-                                   scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config))
+    family = family_at(teacher_pipe.name_or_path)
+    folder = family.denoiser_folder
+    parts = {k: v for k, v in teacher_pipe.components.items() if k not in (folder, "scheduler")}
+    pipe = type(teacher_pipe)(**parts, **{folder: family.build_student(teacher_pipe.components[folder], 256)},
+                              scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(teacher_pipe.device)
 

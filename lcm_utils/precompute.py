@@ -8,9 +8,11 @@ Then train with `--train_shards_path_or_url` set to the pattern it prints: the s
 encoder. Input shards map one to one onto output shards (sample order kept); an image folder or a dataset is cut
 into shards of --samples_per_shard samples. Each output shard is written to a partial file and renamed when
 complete, so a killed run rerun with the same flags keeps the finished shards and writes only the rest.
-The format is described in lcm_utils/latents.py.
+The format is described in lcm_utils/data/sources/latents.py. This module also checks that such shards fit a
+training run (`check_precomputed`): same family, resolution, VAE and text encoders.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -20,19 +22,20 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .config import (ConfigError, add_data_flags, add_model_flags, check_precision, check_resolution, check_teacher,
+from .config import (FlagParser, add_data_flags, add_model_flags, check_precision, check_resolution, check_teacher,
                      parse_args)
-from .data import (SHARD_DAMAGED, DataError, DataSpec, SkipSample, Transform, _format_counts, check_data_spec,
-                   decode_shard_sample, expand_shard_urls, json_record, read_shard)
-from .latents import KEPT_METADATA, STORAGE_DTYPES, header_record, shard_pattern, write_header, write_sample
+from .console import ProgressDisplay, quiet_libraries
+from .data import DataSpec, Transform, check_data_spec, data_location, format_counts, given_sources
+from .data.sources.latents import FORMAT, KEPT_METADATA, shard_pattern, write_header, write_sample
+from .errors import ConfigError, DataError, report
+from .families import load_encoders, pretrained_source, teacher_family, vae_scale_factor
+from .tensors import DTYPES, precision_dtype
 
 SETTINGS_FILE = "precompute.json"  # the settings the output folder's shards were written with
 PARTIAL_SUFFIX = ".partial"
 
 
 def build_parser():
-    from .training import FlagParser
-
     parser = FlagParser(description=__doc__.splitlines()[0])
     add_model_flags(parser)
     add_data_flags(parser, training=False)
@@ -44,7 +47,7 @@ def build_parser():
     g.add_argument("--samples_per_shard", type=int, default=1000,
                    help="Source samples per output shard for --train_data_dir and --dataset_name (input shards map "
                         "one to one).")
-    g.add_argument("--storage_dtype", type=str, default="fp16", choices=tuple(STORAGE_DTYPES),
+    g.add_argument("--storage_dtype", type=str, default="fp16", choices=tuple(DTYPES),
                    help="dtype of the stored latents and embeddings (fp16 halves the disk of fp32; fp32 keeps every "
                         "bit of the encoders' output).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
@@ -53,10 +56,6 @@ def build_parser():
     g.add_argument("--encode_batch_size", type=int, default=None, help="Same as --vae_encode_batch_size.")
     g.add_argument("--seed", type=int, default=0, help="Seed of the random crops and flips.")
     return parser
-
-
-def data_spec(args, family_cls):
-    return DataSpec.from_flags(args, args.seed, family_cls.uses_original_size)
 
 
 def validate(args):
@@ -74,75 +73,81 @@ def validate(args):
     _, vae_cfg = check_teacher(args)
     if vae_cfg is not None:
         check_resolution(args, vae_cfg)
-    from .teacher import teacher_family
-
     family_cls = teacher_family(args)
-    check_data_spec(data_spec(args, family_cls))
+    check_data_spec(DataSpec.from_flags(args, args.seed, family_cls.uses_original_size))
     return family_cls
 
 
-# ----------------------------------------------------------------------------- what to encode
+# ----------------------------------------------------------------------------- the shards fit the run
 
 
-def _split(total, parts, part):
-    """Size of part `part` when `total` is split as evenly as possible into `parts`."""
-    return total // parts + (part < total % parts)
+def config_fingerprint(config):
+    """Short hash of a model config dict, without the keys that name files or library versions."""
+    kept = {k: v for k, v in dict(config).items()
+            if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def work_units(spec, samples_per_shard):
-    """[(output shard name, function giving the unit's (index, decoded or skip reason, metadata))] in a fixed
-    order: one unit per input shard (at most its share of --max_train_samples), else --samples_per_shard items
-    of the folder or dataset."""
-    if spec.train_shards_path_or_url:
-        urls = expand_shard_urls(spec.train_shards_path_or_url)
-        from .data import SampleRules
+def vae_source(args):
+    """(path or id, subfolder) of the VAE a run uses."""
+    if args.pretrained_vae_model_name_or_path:
+        return args.pretrained_vae_model_name_or_path, None
+    return args.pretrained_teacher_model, "vae"
 
-        rules = SampleRules.from_spec(spec)
 
-        def shard_items(url, limit):
-            def items():
-                count = 0
-                for sample in read_shard(url):
-                    if limit is not None and count >= limit:
-                        return
-                    if sample is SHARD_DAMAGED:
-                        yield count, SHARD_DAMAGED, {}
-                        continue
-                    meta = json_record(sample["json"]) if "json" in sample else {}
-                    try:
-                        image, caption, _, size = decode_shard_sample(sample, rules)
-                        yield count, (image, caption, size), meta
-                    except SkipSample as skip:
-                        yield count, skip.reason, meta
-                    count += 1
-            return items
+def encoder_fingerprints(args, family_cls):
+    """Fingerprints of the VAE's and each text encoder's config: read from the config files alone (no weights)."""
+    from diffusers import AutoencoderKL
+    from transformers import PretrainedConfig
 
-        limits = [None if spec.max_train_samples is None else _split(spec.max_train_samples, len(urls), j)
-                  for j in range(len(urls))]
-        return [(f"latents-{j:06d}.tar", shard_items(url, limits[j])) for j, url in enumerate(urls)]
-    if spec.train_data_dir:
-        from .data import FolderSource
+    src = pretrained_source(args)
+    vae_path, vae_sub = vae_source(args)
+    vae_src = src if vae_sub else dict(cache_dir=args.cache_dir)
+    vae = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, **vae_src)
+    texts = [PretrainedConfig.get_config_dict(args.pretrained_teacher_model, subfolder=folder, **src)[0]
+             for _, folder in family_cls.text_parts]
+    return {"vae_config": config_fingerprint(vae), "text_encoder_configs": [config_fingerprint(t) for t in texts],
+            "scaling_factor": float(vae.get("scaling_factor", 0.18215))}
 
-        source = FolderSource(spec, count_listing=True)
-        size, meta_of = len(source.items), lambda i: (source.records or {}).get(source.items[i], {})
-    else:
-        from .hf_dataset import DatasetSource
 
-        source = DatasetSource(spec)
-        size, meta_of = source.size, lambda i: source.rows[i]
+def header_record(args, family, latent_shape, storage_dtype, crops_per_image):
+    """The JSON record of a precomputed shard's header."""
+    vae_path, vae_sub = vae_source(args)
+    return {"format": FORMAT, "family": family.name, "teacher": args.pretrained_teacher_model,
+            "vae": vae_path + (f"/{vae_sub}" if vae_sub else ""), **encoder_fingerprints(args, type(family)),
+            "resolution": args.resolution, "latent_shape": list(latent_shape), "center_crop": args.center_crop,
+            "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
+            "crops_per_image": crops_per_image, "storage_dtype": storage_dtype, "latent": "posterior mean and std",
+            "force_zeros_for_empty_prompt": family.force_zeros}
 
-    def indexed(first, last):
-        def items():
-            for i in range(first, last):
-                try:
-                    image, caption, _, original = source.decode(i)
-                    yield i, (image, caption, original), meta_of(i)
-                except SkipSample as skip:
-                    yield i, skip.reason, {}
-        return items
 
-    per = samples_per_shard
-    return [(f"latents-{j:06d}.tar", indexed(j * per, min(size, (j + 1) * per))) for j in range(-(-size // per))]
+def check_precomputed(record, args, family_cls):
+    """ConfigError (one line, before any weights load) when the shards were written for another teacher family,
+    resolution, VAE or text encoder than this run's; returns notes on the data flags the shards already applied."""
+    where = "--train_shards_path_or_url"
+    if record["family"] != family_cls.name:
+        raise ConfigError(f"{where}: the precomputed shards hold {record['family']} text embeddings, but the teacher "
+                          f"'{args.pretrained_teacher_model}' is {family_cls.name}; precompute them with this teacher")
+    if record["resolution"] != args.resolution:
+        raise ConfigError(f"{where}: the precomputed shards hold latents of {record['resolution']} px images, this "
+                          f"run has --resolution {args.resolution}; pass --resolution {record['resolution']} or "
+                          f"precompute at {args.resolution}")
+    ours = encoder_fingerprints(args, family_cls)
+    if ours["vae_config"] != record["vae_config"] or ours["scaling_factor"] != record["scaling_factor"]:
+        vae_path, vae_sub = vae_source(args)
+        raise ConfigError(f"{where}: the precomputed latents come from the VAE '{record['vae']}', whose config "
+                          f"differs from this run's ('{vae_path}{'/' + vae_sub if vae_sub else ''}'); pass the same "
+                          f"VAE (--pretrained_vae_model_name_or_path) or precompute with this one")
+    if ours["text_encoder_configs"] != record["text_encoder_configs"]:
+        raise ConfigError(f"{where}: the precomputed text embeddings come from the text encoder(s) of "
+                          f"'{record['teacher']}', whose configs differ from those of '{args.pretrained_teacher_model}'; "
+                          f"precompute with this teacher")
+    notes = []
+    for flag in ("center_crop", "random_flip", "interpolation_type"):
+        if getattr(args, flag) != record[flag]:
+            notes.append(f"--{flag} {getattr(args, flag)} has no effect: the precomputed shards were cropped with "
+                         f"{flag} {record[flag]}")
+    return notes
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -220,19 +225,18 @@ def precompute(args, family_cls):
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    from .teacher import load_encoders
-
     # As Accelerator does: `accelerate launch --cpu` (or --multi_gpu on a CPU machine) says so in the environment.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    spec = data_spec(args, family_cls)
-    units = work_units(spec, args.samples_per_shard)
+    dtype = precision_dtype(precision)
+    spec = DataSpec.from_flags(args, args.seed, family_cls.uses_original_size)
+    # The source the data flag names, read as images (precomputing precomputed shards is not a use).
+    units = given_sources(spec)[0](spec).precompute_units(args.samples_per_shard)
     family, vae = load_encoders(args, state.device, dtype)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae.config)
     latent_shape = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
     record = header_record(args, family, latent_shape, args.storage_dtype, args.crops_per_image)
-    settings = {"header": record, "source": args.train_shards_path_or_url or args.train_data_dir or args.dataset_name,
+    settings = {"header": record, "source": data_location(args),
                 "seed": args.seed, "max_train_samples": args.max_train_samples,
                 "samples_per_shard": args.samples_per_shard, "filters": [args.min_original_size,
                                                                          args.max_watermark_probability,
@@ -254,9 +258,9 @@ def precompute(args, family_cls):
     todo = [j for j in mine if not os.path.isfile(paths[j])]
     done_before = len(mine) - len(todo)
     transform = Transform.from_spec(spec)
-    storage_dtype = STORAGE_DTYPES[args.storage_dtype]
+    storage_dtype = DTYPES[args.storage_dtype]
     skipped, written = Counter(), 0
-    bar = progress_bar(state.is_main_process, len(todo), done_before)
+    bar = ShardProgress(state.is_main_process, len(todo), done_before)
     for j in todo:
         written += write_unit(paths[j], units[j][1], transform, args.seed, j, args.crops_per_image, family, vae,
                               record, args.vae_encode_batch_size, storage_dtype, skipped, bar.samples)
@@ -269,7 +273,7 @@ def precompute(args, family_cls):
         for _, _, _, part in totals:
             counts.update(part)
         samples, new, kept = (sum(t[i] for t in totals) for i in range(3))
-        print(f"wrote {new} shard(s) ({samples} samples; skipped {_format_counts(counts)}), kept {kept} finished "
+        print(f"wrote {new} shard(s) ({samples} samples; skipped {format_counts(counts)}), kept {kept} finished "
               f"before, in {args.output_dir}", flush=True)
         print(f"train with: --train_shards_path_or_url '{shard_pattern(paths)}'", flush=True)
     if torch.distributed.is_initialized():  # a process group left to interpreter exit can abort the process
@@ -278,37 +282,27 @@ def precompute(args, family_cls):
     return 0
 
 
-class progress_bar:
-    """tqdm over shards on a terminal (samples in the postfix); a line per shard in a log file."""
+class ShardProgress(ProgressDisplay):
+    """The shards of this process: the bar over shards with the samples in its postfix; a line per shard in a log
+    file."""
 
     def __init__(self, enabled, total, done_before):
-        from tqdm.auto import tqdm
-
-        self.enabled, self.total, self.count, self.shards = enabled, total, 0, 0
-        self.bar = tqdm(total=total, desc="shards", unit="shard") if enabled and sys.stderr.isatty() else None
+        super().__init__(total, desc="shards", unit="shard", enabled=enabled)
+        self.count, self.shards = 0, 0
         if enabled and done_before:
             print(f"{done_before} shard(s) of this process were finished before: kept", flush=True)
 
     def samples(self, n):
         self.count += n
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.count} samples")
+        self.status(f"{self.count} samples")
 
     def shard_done(self):
         self.shards += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"shard {self.shards}/{self.total} written ({self.count} samples so far)", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        self.advance()
+        self.line(f"shard {self.shards}/{self.total} written ({self.count} samples so far)")
 
 
 def main(argv=None):
-    from .training import quiet_libraries, report
-
     try:
         args = parse_args(build_parser(), argv)
         family_cls = validate(args)

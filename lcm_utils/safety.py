@@ -14,13 +14,11 @@ import time
 
 import torch
 
+from .errors import TrainingError
+
 # A launcher that got the signal too (torchrun, a whole process group, a cgroup kill) passes it on: the same
 # signal again this soon is that copy, not a second request.
 REPEAT_WINDOW_S = 0.5
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss stayed non-finite); one line, exit status 1, checkpoints kept."""
 
 
 def parse_stop_signals(text):

@@ -21,8 +21,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcm_utils.evaluation import (decode_to_array, exported_scheduler, labelled_grid,  # noqa: E402
                                   output_sampling_kwargs)
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from lcm_utils.families import family_at  # noqa: E402
 
 
 def fail(message):
@@ -31,30 +30,28 @@ def fail(message):
 
 
 def load_pipeline(args, trained):
-    """The teacher's own pipeline class (from its model_index.json) with the student and its exported scheduler
-    (LCMScheduler or TCDScheduler); `trained`: the output's training_config.yaml ({} when it has none)."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    """The teacher family's stock pipeline with the student and its exported scheduler (LCMScheduler or
+    TCDScheduler); `trained`: the output's training_config.yaml ({} when it has none)."""
+    from diffusers import AutoencoderKL
 
     teacher = args.teacher or trained.get("pretrained_teacher_model")
     if not teacher:
         fail(f"--teacher: '{args.model}' has no training_config.yaml naming its teacher; pass --teacher")
-    is_full = os.path.isdir(os.path.join(args.model, "unet"))
-    if not is_full and not os.path.isfile(os.path.join(args.model, LORA_FILE)):
-        fail(f"--model: '{args.model}' holds neither unet/ (full distillation) nor {LORA_FILE} (LCM-LoRA)")
+    family = family_at(teacher)
+    folder, lora_file = family.denoiser_folder, family.lora_weights_file
+    is_full = os.path.isdir(os.path.join(args.model, folder))
+    if not is_full and not os.path.isfile(os.path.join(args.model, lora_file)):
+        fail(f"--model: '{args.model}' holds neither {folder}/ (full distillation) nor {lora_file} (LCM-LoRA)")
     parts = {"scheduler": exported_scheduler(args.model)}  # LCMScheduler or TCDScheduler
     if is_full:
-        parts["unet"] = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+        parts[folder] = family.denoiser_class().from_pretrained(args.model, subfolder=folder)
     vae = args.vae or trained.get("pretrained_vae_model_name_or_path")
     if vae:
         parts["vae"] = AutoencoderKL.from_pretrained(vae)
-    index = DiffusionPipeline.load_config(teacher)
-    if "safety_checker" in index:  # SD pipelines only
-        parts.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(teacher, **parts)
+    pipe = family.load_pipeline(teacher, **parts)
     if not is_full:
         pipe.load_lora_weights(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(args.device), is_full
+    return pipe.to(args.device), is_full, family
 
 
 @torch.no_grad()
@@ -79,9 +76,10 @@ def main():
 
     config_path = os.path.join(args.model, "training_config.yaml")
     trained = yaml.safe_load(open(config_path)) if os.path.isfile(config_path) else {}
-    pipe, is_full = load_pipeline(args, trained)
+    pipe, is_full, family = load_pipeline(args, trained)
     guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
-    size = args.resolution or trained.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser_config = pipe.components[family.denoiser_folder].config
+    size = args.resolution or trained.get("resolution") or denoiser_config.sample_size * pipe.vae_scale_factor
     sampler = output_sampling_kwargs(args.model)
     if args.eta is not None:
         sampler = {"eta": args.eta}

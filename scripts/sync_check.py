@@ -19,7 +19,8 @@ sys.path.insert(0, ROOT)
 def main():
     if not torch.cuda.is_available():
         sys.exit("sync_check needs CUDA (the debug mode watches CUDA synchronisations)")
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
+    from lcm_utils.training import main
 
     script, argv = sys.argv[1], sys.argv[2:]
     method_cls = {"train_lcm_distill.py": "FullDistillation", "train_lcm_lora.py": "LoraDistillation"}[
@@ -50,7 +51,7 @@ def main():
                 torch.cuda.set_sync_debug_mode("error")
 
     training.finish = allowed(training.finish)
-    code = training.main(Watched, "sync check", argv)
+    code = main(Watched, "sync check", argv)
     torch.cuda.set_sync_debug_mode("default")
     if code == 0 and len(steps) >= 3:
         print(f"sync check OK: {len(steps) - 1} steps ran without the host waiting for the GPU inside a step")

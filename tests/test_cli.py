@@ -304,13 +304,15 @@ def test_on_several_processes_what_one_rank_found_is_said_by_that_rank(args, tmp
 def test_the_model_card_names_a_hub_teacher_as_base_model(tmp_path):
     import argparse
 
-    from lcm_utils.family import StableDiffusionXL
+    from lcm_utils.families import StableDiffusionXL
+    from lcm_utils.objectives import make_objective
     from lcm_utils.training import write_model_card
+    from train_lcm_lora import LoraDistillation
 
     args = argparse.Namespace(pretrained_teacher_model="stabilityai/stable-diffusion-xl-base-1.0",
                               output_dir=str(tmp_path), w_min=3.0, w_max=15.0, num_ddim_timesteps=50,
                               loss_type="huber", objective="lcm")
-    write_model_card(args, "usage", 1000, argparse.Namespace(name="LCM-LoRA distillation"), StableDiffusionXL)
+    write_model_card(args, "usage", 1000, LoraDistillation, StableDiffusionXL, make_objective("lcm"))
     card = (tmp_path / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lcm_utils import data as data_module
+from lcm_utils.data import shards as data_module
 from lcm_utils.data import DataError, DataSpec, TrainStream, check_data_spec
 
 # ----------------------------------------------------------------------------- builders

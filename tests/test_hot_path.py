@@ -26,7 +26,7 @@ def logged_steps(monkeypatch):
 def test_the_loss_is_read_only_at_looks_and_averaged_since_the_last(assets, tmp_path, monkeypatch):
     """--logging_steps 2, a checkpoint at step 3, 5 steps: looks at 2, 3, 4 and 5; each logged loss is the mean of
     the steps since the previous look."""
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
 
     real_loss, losses = training.lcd_loss, []
 
@@ -47,7 +47,7 @@ def test_the_loss_is_read_only_at_looks_and_averaged_since_the_last(assets, tmp_
 def test_fused_adamw_and_the_teacher_dtype(assets, tmp_path, monkeypatch):
     """bf16: the teacher UNet is cast by default and stays fp32 with --teacher_unet_fp32; the optimizer is fused
     (its skip of a non-finite step needs no host read); the student's master weights stay fp32."""
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
     from train_lcm_distill import FullDistillation
 
     seen = {}
@@ -55,7 +55,7 @@ def test_fused_adamw_and_the_teacher_dtype(assets, tmp_path, monkeypatch):
     class Recording(FullDistillation):
         def build(self, teacher, args, weight_dtype):
             super().build(teacher, args, weight_dtype)
-            seen.setdefault("teacher", []).append(teacher.unet.dtype)
+            seen.setdefault("teacher", []).append(teacher.denoiser.dtype)
             seen.setdefault("student", []).append(self.student.dtype)
 
     real_make = training.make_optimizer
@@ -73,7 +73,7 @@ def test_channels_last_and_compile_reach_every_unet(assets, tmp_path, monkeypatc
     """Both flags apply to the student, the target and the teacher; a channels-last run trains the same steps as
     the default layout to float tolerance. (Compilation itself is measured by benchmarks/throughput.py: on these
     CPUs it takes minutes.)"""
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
     from diffusers import UNet2DConditionModel
     from train_lcm_distill import FullDistillation
 
@@ -93,7 +93,7 @@ def test_channels_last_and_compile_reach_every_unet(assets, tmp_path, monkeypatc
     class Recording(FullDistillation):
         def update_target(self, gate=None):
             layouts.append([unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-                            for unet in self.unets()])
+                            for unet in self.denoisers()])
             super().update_target(gate)
 
     for name, flags in (("a", dict(channels_last=True, torch_compile=True)), ("b", {})):
@@ -115,7 +115,7 @@ def test_validation_measures_the_distance_to_the_teachers_own_samples(assets, tm
 
     from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    import lcm_utils.training as training
+    import lcm_utils.training.validation as training
 
     real_references, made = training.teacher_references, []
     monkeypatch.setattr(training, "teacher_references", lambda *a: made.append(1) or real_references(*a))

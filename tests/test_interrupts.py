@@ -274,7 +274,7 @@ def test_the_last_step_is_checkpointed_extended_exactly_and_a_rerun_past_the_end
 
 def poison_losses(monkeypatch, bad):
     """NaN losses on the lcd_loss calls listed in `bad` (counting from 0); returns the list of calls."""
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
 
     real_loss, calls = training.lcd_loss, []
 

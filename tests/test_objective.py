@@ -5,8 +5,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from lcm_utils.consistency import guidance_embedding
-from lcm_utils.objective import SolverSchedule, lcd_loss
-from lcm_utils.teacher import build_student
+from lcm_utils.families import StableDiffusion
+from lcm_utils.objectives import SolverSchedule, lcd_loss
+
+build_student = StableDiffusion.build_student
 
 
 @pytest.fixture(scope="module")

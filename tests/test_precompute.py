@@ -53,7 +53,8 @@ def losses_and_inputs(argv):
     """Run the full script in process; per step (z0, cond, uncond, w, loss) as lcd_loss got and returned them."""
     from accelerate.state import AcceleratorState
 
-    import lcm_utils.training as training
+    import lcm_utils.training.loop as training
+    from lcm_utils.training import main
     from train_lcm_distill import FullDistillation
 
     real, seen = training.lcd_loss, []
@@ -65,7 +66,7 @@ def losses_and_inputs(argv):
 
     training.lcd_loss = spy
     try:
-        assert training.main(FullDistillation, "test", argv) == 0
+        assert main(FullDistillation, "test", argv) == 0
     finally:
         training.lcd_loss = real
         AcceleratorState._reset_state(True)
@@ -232,7 +233,7 @@ def test_two_processes_write_disjoint_shards_and_train(assets, tmp_path):
 ])
 def test_mismatched_shards_are_refused_before_any_model_loads(assets, sdxl_assets, latent_shards, tmp_path,
                                                              monkeypatch, capsys, change, expected):
-    import lcm_utils.training as training
+    import lcm_utils.training.setup as training
 
     monkeypatch.setattr(training, "load_teacher", lambda *a, **k: pytest.fail("a model was loaded"))
     flags = dict(train_data_dir=None, train_shards_path_or_url=latent_shards)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import RESOLUTION, ROOT, base_args, check_ok, launch, straight_and_resumed
 from lcm_utils.data import DataSpec, TrainStream
-from lcm_utils.family import StableDiffusionXL, time_ids
+from lcm_utils.families import StableDiffusionXL, time_ids
 from lcm_utils.training import build_parser, main
 from train_lcm_distill import FullDistillation
 
@@ -26,7 +26,7 @@ def sdxl_args(sdxl_assets, out, teacher="sdxl", **overrides):
 
 
 def load_family_teacher(path):
-    from lcm_utils.teacher import load_teacher
+    from lcm_utils.families import load_teacher
 
     args = build_parser(FullDistillation, "x").parse_args(["--pretrained_teacher_model", path])
     return load_teacher(args, torch.device("cpu"), torch.float32)
@@ -132,12 +132,14 @@ def test_lcd_loss_on_the_sdxl_path_equals_a_direct_computation(sdxl_assets):
     from diffusers import DDIMScheduler, LCMScheduler
 
     from lcm_utils.consistency import guidance_embedding, sample_timestep_pairs
-    from lcm_utils.objective import SolverSchedule, lcd_loss
-    from lcm_utils.teacher import build_student
+    from lcm_utils.families import StableDiffusionXL as family
+    from lcm_utils.objectives import SolverSchedule, lcd_loss
+
+    build_student = family.build_student
 
     loaded = load_family_teacher(sdxl_assets["sdxl"])
-    student = build_student(loaded.unet, 256)
-    target = build_student(loaded.unet, 256)
+    student = build_student(loaded.denoiser, 256)
+    target = build_student(loaded.denoiser, 256)
     with torch.no_grad():  # a student and target that differ from the teacher and use w
         for i, net in enumerate((student, target)):
             g = torch.Generator().manual_seed(10 + i)
@@ -153,7 +155,7 @@ def test_lcd_loss_on_the_sdxl_path_equals_a_direct_computation(sdxl_assets):
     with torch.no_grad():
         loss = lcd_loss(z0, cond, uncond, w,
                         lambda z, t, c, w_: student(z, t, timestep_cond=emb(w_), **c).sample,
-                        lambda z, t, c: loaded.unet(z, t, **c).sample,
+                        lambda z, t, c: loaded.denoiser(z, t, **c).sample,
                         lambda z, t, c, w_: target(z, t, timestep_cond=emb(w_), **c).sample,
                         schedule, "l2", None, torch.Generator().manual_seed(7))
 
@@ -351,7 +353,7 @@ def test_the_real_sdxl_configs_pass_the_family_checks(tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     from lcm_utils.config import check_teacher
-    from lcm_utils.family import family_of
+    from lcm_utils.families import family_of
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     from lora_memory import SDXL_CONFIGS, sdxl_config
@@ -375,7 +377,7 @@ def test_the_real_sdxl_configs_pass_the_family_checks(tmp_path, monkeypatch):
 def test_vae_precision_follows_force_upcast_and_a_given_vae_runs_low(sdxl_assets, tmp_path):
     """A VAE whose config sets force_upcast (SDXL's and SD's own) stays fp32, the teacher's or one given with
     --pretrained_vae_model_name_or_path; one without it (the fp16-fix VAE) runs in the low precision."""
-    from lcm_utils.teacher import load_teacher
+    from lcm_utils.families import load_teacher
 
     def vae_dtype(teacher, *extra):
         args = build_parser(FullDistillation, "x").parse_args(["--pretrained_teacher_model", teacher, *extra])
@@ -395,7 +397,7 @@ def test_vae_precision_follows_force_upcast_and_a_given_vae_runs_low(sdxl_assets
 
 
 def test_a_bad_dataset_column_is_reported_before_any_model_loads(sdxl_assets, tmp_path, capsys, monkeypatch):
-    import lcm_utils.training as training
+    import lcm_utils.training.setup as training
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the data was checked")

@@ -10,7 +10,7 @@ import torch
 from conftest import base_args, check_ok, launch
 from lcm_utils.consistency import (ddim_timesteps, phase_edge, phase_edges, sample_trajectory_points,
                                    trajectory_consistency)
-from lcm_utils.objective import PCM, TCD, SolverSchedule, lcd_loss
+from lcm_utils.objectives import PCM, TCD, SolverSchedule, lcd_loss
 
 
 def tcd_scheduler(prediction_type):

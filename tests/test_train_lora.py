@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RESOLUTION, base_args, check_ok, launch, straight_and_resumed
-from train_lcm_lora import DEFAULT_TARGET_MODULES, LORA_WEIGHTS, LoraDistillation
+from lcm_utils.families import StableDiffusion
+from train_lcm_lora import LoraDistillation
+
+DEFAULT_TARGET_MODULES, LORA_WEIGHTS = StableDiffusion.lora_target_modules, StableDiffusion.lora_weights_file
 
 SCRIPT = "train_lcm_lora.py"
 LORA = dict(lora_rank=4, lora_alpha=8, learning_rate=1e-2)
@@ -21,7 +24,7 @@ def lora_args(assets, out, **overrides):
 
 def build_method(assets, tmp_path, **flags):
     """An in-process LoraDistillation on the tiny teacher, as the script builds it."""
-    from lcm_utils.teacher import load_teacher
+    from lcm_utils.families import load_teacher
     from lcm_utils.training import build_parser
 
     argv = lora_args(assets, str(tmp_path), **flags)

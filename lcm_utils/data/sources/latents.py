@@ -1,4 +1,5 @@
-"""Precomputed training samples: webdataset shards of VAE posteriors and text embeddings (lcm_utils.precompute).
+"""Precomputed training samples: webdataset shards of VAE posteriors and text embeddings (lcm_utils.precompute
+writes them; this is their format and their reader).
 
 A precomputed shard starts with a header sample (key `__precomputed__`): a JSON record of what wrote it (teacher
 family, resolution, the VAE's and text encoders' configs, crop settings) and the unconditional text conditions
@@ -11,60 +12,21 @@ The posterior's mean and std are stored, not one latent: training draws z0 = mea
 as encoding on the fly does, so a sample seen in several epochs does not always bring the same latent.
 """
 
-import hashlib
 import io
 import json
 import tarfile
 
 import torch
 
-from .config import ConfigError, teacher_revision
-from .data import HEADER_KEY, SampleRules, ShardSource, SkipSample, checked_caption, json_record, read_shard, text_caption
+from ...errors import ConfigError
+from ...tensors import to_device
+from ..samples import SkipSample, checked_caption, json_record, text_caption
+from ..shards import HEADER_KEY, read_shard
+from .webdataset import ShardSource
 
 FORMAT = "lcm-precomputed/1"
-STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Source metadata kept in a precomputed sample's json, so the training filters still apply to it.
 KEPT_METADATA = ("pwatermark", "aesthetic")
-
-
-def config_fingerprint(config):
-    """Short hash of a model config dict, without the keys that name files or library versions."""
-    kept = {k: v for k, v in dict(config).items()
-            if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def vae_source(args):
-    """(path or id, subfolder) of the VAE a run uses."""
-    if args.pretrained_vae_model_name_or_path:
-        return args.pretrained_vae_model_name_or_path, None
-    return args.pretrained_teacher_model, "vae"
-
-
-def encoder_fingerprints(args, family_cls):
-    """Fingerprints of the VAE's and each text encoder's config: read from the config files alone (no weights)."""
-    from diffusers import AutoencoderKL
-    from transformers import PretrainedConfig
-
-    src = dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
-    vae_path, vae_sub = vae_source(args)
-    vae_src = src if vae_sub else dict(cache_dir=args.cache_dir)
-    vae = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, **vae_src)
-    texts = [PretrainedConfig.get_config_dict(args.pretrained_teacher_model, subfolder=folder, **src)[0]
-             for _, folder in family_cls.text_parts]
-    return {"vae_config": config_fingerprint(vae), "text_encoder_configs": [config_fingerprint(t) for t in texts],
-            "scaling_factor": float(vae.get("scaling_factor", 0.18215))}
-
-
-def header_record(args, family, latent_shape, storage_dtype, crops_per_image):
-    """The JSON record of a precomputed shard's header."""
-    vae_path, vae_sub = vae_source(args)
-    return {"format": FORMAT, "family": family.name, "teacher": args.pretrained_teacher_model,
-            "vae": vae_path + (f"/{vae_sub}" if vae_sub else ""), **encoder_fingerprints(args, type(family)),
-            "resolution": args.resolution, "latent_shape": list(latent_shape), "center_crop": args.center_crop,
-            "random_flip": args.random_flip, "interpolation_type": args.interpolation_type,
-            "crops_per_image": crops_per_image, "storage_dtype": storage_dtype, "latent": "posterior mean and std",
-            "force_zeros_for_empty_prompt": family.force_zeros}
 
 
 def tensor_bytes(tensors):
@@ -117,9 +79,9 @@ class LatentShardSource(ShardSource):
     """Shards written by lcm_utils.precompute: latents and text embeddings instead of images and captions. Read,
     shuffled, split and resumed exactly as image shards are; only decoding and the example differ."""
 
-    def __init__(self, spec, header):
-        super().__init__(spec)
-        self.header, self.uncond_text = header
+    def __init__(self, spec, header, rank: int = 0):
+        super().__init__(spec, rank)
+        self.header, self.unconditional_text = header
 
     def decode(self, sample):
         """((tensors, crop (top, left)), caption, reencoded, original (h, w)) of one precomputed sample, or
@@ -133,7 +95,7 @@ class LatentShardSource(ShardSource):
         raw_caption, reencoded = text_caption(sample["txt"]) if "txt" in sample else (None, False)
         caption = checked_caption(raw_caption)
         meta = json_record(sample.get("json", b"{}"))
-        rules = self.rules or SampleRules()
+        rules = self.rules
         rules.check_scores(meta)
         size = meta.get("original_size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
@@ -155,40 +117,9 @@ class LatentShardSource(ShardSource):
                 "caption": caption, "original_size": size, "crop_top_left": crop}
 
 
-def check_precomputed(record, args, family_cls):
-    """ConfigError (one line, before any weights load) when the shards were written for another teacher family,
-    resolution, VAE or text encoder than this run's; returns notes on the data flags the shards already applied."""
-    where = "--train_shards_path_or_url"
-    if record["family"] != family_cls.name:
-        raise ConfigError(f"{where}: the precomputed shards hold {record['family']} text embeddings, but the teacher "
-                          f"'{args.pretrained_teacher_model}' is {family_cls.name}; precompute them with this teacher")
-    if record["resolution"] != args.resolution:
-        raise ConfigError(f"{where}: the precomputed shards hold latents of {record['resolution']} px images, this "
-                          f"run has --resolution {args.resolution}; pass --resolution {record['resolution']} or "
-                          f"precompute at {args.resolution}")
-    ours = encoder_fingerprints(args, family_cls)
-    if ours["vae_config"] != record["vae_config"] or ours["scaling_factor"] != record["scaling_factor"]:
-        vae_path, vae_sub = vae_source(args)
-        raise ConfigError(f"{where}: the precomputed latents come from the VAE '{record['vae']}', whose config "
-                          f"differs from this run's ('{vae_path}{'/' + vae_sub if vae_sub else ''}'); pass the same "
-                          f"VAE (--pretrained_vae_model_name_or_path) or precompute with this one")
-    if ours["text_encoder_configs"] != record["text_encoder_configs"]:
-        raise ConfigError(f"{where}: the precomputed text embeddings come from the text encoder(s) of "
-                          f"'{record['teacher']}', whose configs differ from those of '{args.pretrained_teacher_model}'; "
-                          f"precompute with this teacher")
-    notes = []
-    for flag in ("center_crop", "random_flip", "interpolation_type"):
-        if getattr(args, flag) != record[flag]:
-            notes.append(f"--{flag} {getattr(args, flag)} has no effect: the precomputed shards were cropped with "
-                         f"{flag} {record[flag]}")
-    return notes
-
-
-def sample_latents(batch, scaling_factor, chunk_size, generator, device):
+def latents_from_posterior(batch, scaling_factor, chunk_size, generator, device):
     """z0 [B, C, h, w] = scaling_factor * (mean + std * eps) from a precomputed batch: the draw that encoding on the
     fly makes (DiagonalGaussianDistribution.sample, chunk by chunk from the same generator)."""
-    from .teacher import to_device
-
     mean, std = to_device(batch["latent_mean"], device), to_device(batch["latent_std"], device)
     noise = torch.cat([torch.randn(chunk.shape, generator=generator, device=generator.device, dtype=torch.float32)
                        for chunk in mean.split(chunk_size)]).to(device)
@@ -209,4 +140,3 @@ def shard_pattern(names):
     if numbers != list(range(numbers[0], numbers[-1] + 1)):
         return "::".join(names)
     return f"{parts[0].group(1)}{{{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}}}{parts[0].group(3)}"
-

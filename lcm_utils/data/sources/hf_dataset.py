@@ -5,13 +5,14 @@ between readers, and a reader's position alone resumes it exactly. `datasets` is
 when --dataset_name is used.
 """
 
+import importlib.util
 import os
-from collections import Counter
 
 import numpy as np
 
-from .data import (DataError, SampleRules, SkipSample, checked_caption, decode_image, image_example,
-                   indexable_elastic_plan, permuted_share, read_file)
+from ...errors import DataError
+from ..samples import SkipSample, decode_image, decode_sample, read_file
+from .base import IndexableSource, permuted_share
 
 # Files that Dataset.save_to_disk / DatasetDict.save_to_disk write: such a folder loads with load_from_disk.
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
@@ -41,23 +42,22 @@ def load_train_split(spec):
     return loaded
 
 
-class DatasetSource:
+class DatasetSource(IndexableSource):
     """Rows of a datasets.Dataset: an image column (Image feature, bytes, or a file path) and a caption column
     (a string, or a list of captions of which each visit draws one). Other columns are the sample's metadata
     (original size, pwatermark, aesthetic), as a LAION json is for shards."""
 
-    flag = "--dataset_name"
-    example = staticmethod(image_example)
+    flag, field, kind = "--dataset_name", "dataset_name", "a Hugging Face dataset"
 
-    def __init__(self, spec):
+    def __init__(self, spec, rank: int = 0):
         import datasets
 
-        self.name = spec.dataset_name
+        super().__init__(spec, rank)
         dataset = load_train_split(spec)
         self.image_column, self.caption_column = spec.image_column or "image", spec.caption_column
         for flag, column in (("--image_column", self.image_column), ("--caption_column", self.caption_column)):
             if column not in dataset.column_names:
-                raise DataError(f"{flag}: '{column}' is not a column of --dataset_name '{self.name}' (columns: "
+                raise DataError(f"{flag}: '{column}' is not a column of --dataset_name '{self.location}' (columns: "
                                 f"{', '.join(dataset.column_names)})")
         if isinstance(dataset.features[self.image_column], datasets.Image):
             # Undecoded bytes: images go through the same guarded decoder as every other source.
@@ -66,10 +66,8 @@ class DatasetSource:
         self.rows = dataset.remove_columns([self.image_column])
         self.num_rows = len(dataset)
         self.size = self.num_rows if spec.max_train_samples is None else min(self.num_rows, spec.max_train_samples)
-        self.rules = SampleRules.from_spec(spec)
-        self.listing_counts = Counter()
         # What a checkpoint records to notice a dataset that changed (datasets' fingerprint hashes the data files).
-        self.identity = {"dataset": self.name, "rows": self.num_rows, "fingerprint": dataset._fingerprint}
+        self.identity = {"dataset": self.location, "rows": self.num_rows, "fingerprint": dataset._fingerprint}
         self._subset = {}
 
     def subset(self, seed: int):
@@ -81,22 +79,27 @@ class DatasetSource:
             self._subset[seed] = np.random.default_rng(seed).permutation(self.num_rows)[:self.size]
         return self._subset[seed]
 
-    @property
-    def description(self) -> str:
-        return f"{self.flag} '{self.name}'"
+    @classmethod
+    def check(cls, spec) -> None:
+        """The datasets package is installed, and a local-looking dataset path exists (a Hub name is not checked)."""
+        if importlib.util.find_spec("datasets") is None:
+            raise DataError("--dataset_name needs the 'datasets' package: pip install datasets")
+        name = spec.dataset_name
+        if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+            raise DataError(f"--dataset_name: '{name}' does not exist; pass a dataset folder or a Hub dataset name")
 
     @property
-    def samples_per_epoch(self) -> int:
+    def num_items(self) -> int:
         return self.size
+
+    def metadata(self, row: int) -> dict:
+        return self.rows[row]
 
     def iter_epoch(self, seed, epoch, slot, num_readers, start, events, shard_state=None, plan=None):
         """(index, row number, None) of this reader's share of the epoch permutation, from `start`."""
         rows = self.subset(seed)
         for index, item, state in permuted_share(self.size, seed, epoch, slot, num_readers, start, plan):
             yield index, item if rows is None else int(rows[item]), state
-
-    def elastic_plan(self, seed, epoch, readers, num_readers, plan, new_readers):
-        return indexable_elastic_plan(self.size, seed, epoch, readers, num_readers, plan)
 
     def _image(self, row: int):
         value = self.images[row][self.image_column]
@@ -113,6 +116,4 @@ class DatasetSource:
     def decode(self, row: int) -> tuple:
         """(RGB image, caption, reencoded, original (h, w)) of one row, or SkipSample."""
         meta = self.rows[row]
-        caption = checked_caption(meta.get(self.caption_column))
-        image, size = self.rules.image_and_size(meta, lambda: self._image(row))
-        return image, caption, False, size
+        return decode_sample(meta.get(self.caption_column), False, meta, lambda: self._image(row), self.rules)

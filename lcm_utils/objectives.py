@@ -1,6 +1,11 @@
-"""The latent consistency distillation objective (LCM paper, arXiv 2310.04378, Algorithm 1), as one callable.
+"""The consistency objectives (LCM, TCD, PCM) in one registry, and the distillation loss as one callable.
 
-The loop only calls `lcd_loss` and steps the optimizer (the shape of EDM's training/loss.py). The three
+Each objective says where on the trajectory both consistency predictions map to (its targets, from the cited
+pure functions in lcm_utils.consistency), and what its student samples with: the scheduler it exports, that
+scheduler's arguments and a good step count, its validation columns and its model-card text.
+
+The loop only calls `lcd_loss` (LCM paper, arXiv 2310.04378, Algorithm 1) and steps the optimizer (the shape of
+EDM's training/loss.py). The three
 networks come in as callables so full distillation and LCM-LoRA share this code:
     student(z, t, cond, w) -> raw UNet output (with grad)
     teacher(z, t, cond)    -> raw UNet output (cond and uncond stacked on the batch axis)
@@ -60,6 +65,10 @@ class LCM:
     """Latent consistency (LCM): every point of the trajectory maps to its origin, through c_skip/c_out."""
 
     name = "lcm"
+    title = "latent consistency distillation (LCM)"
+    scheduler_class_name = "LCMScheduler"
+    sampling_steps = 4  # the model card's suggestion
+    announcement = ""  # said in the run's start line (LCM is the default: nothing)
 
     def target_points(self, start, end, schedule, generator):
         """The s every prediction of this pair maps to: none, the origin is implied (and nothing is drawn)."""
@@ -68,12 +77,33 @@ class LCM:
     def consistency(self, schedule, raw_output, z, t, s):
         return schedule.f_theta(raw_output, z, t)
 
+    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps):
+        """The exported scheduler's settings on top of the teacher's schedule: this run's LCM scalings and grid."""
+        return {"timestep_scaling": timestep_scaling, "original_inference_steps": num_ddim_timesteps}
+
+    def sampling_kwargs(self):
+        """Pipeline call arguments of the exported scheduler (LCMScheduler takes none)."""
+        return {}
+
+    def tags(self):
+        return []
+
+    def sampling_note(self):
+        return ("Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and "
+                "`original_inference_steps` match this training run).")
+
 
 class TCD(LCM):
     """Trajectory consistency (TCD): both predictions map to a point s drawn at or below the solver's end; sampled
-    with TCDScheduler and its gamma."""
+    with TCDScheduler and its gamma (the pipelines' `eta`)."""
 
     name = "tcd"
+    title = "trajectory consistency distillation (TCD, arXiv 2402.19159)"
+    scheduler_class_name = "TCDScheduler"
+
+    def __init__(self, gamma=0.3):
+        self.gamma = gamma
+        self.announcement = f" with the {self.name.upper()} objective"
 
     def target_points(self, start, end, schedule, generator):
         return sample_trajectory_points(schedule.grid, end, generator)
@@ -81,23 +111,49 @@ class TCD(LCM):
     def consistency(self, schedule, raw_output, z, t, s):
         return trajectory_consistency(raw_output.float(), z, t, s, schedule.alphas_cumprod, schedule.prediction_type)
 
+    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps):
+        return {"original_inference_steps": num_ddim_timesteps}
+
+    def sampling_kwargs(self):
+        return {"eta": self.gamma}
+
+    def tags(self):
+        return [self.name]
+
+    def sampling_note(self):
+        return (f"Sample with 2-8 steps and the `TCDScheduler` saved in `scheduler/`, passing its gamma as `eta` "
+                f"({self.gamma:g} in training's validation; 0 is deterministic, higher adds detail-refreshing "
+                f"noise at each step).")
+
 
 class PCM(TCD):
     """Phased consistency (PCM): the trajectory cut into phases at the edges an M-step sampler visits; both
-    predictions map to the edge below the start, so M steps walk the teacher's ODE edge to edge."""
+    predictions map to the edge below the start, so M steps walk the teacher's ODE edge to edge (TCDScheduler with
+    gamma 0 and M steps)."""
 
     name = "pcm"
+    title = "phased consistency distillation (PCM, arXiv 2405.18407)"
 
     def __init__(self, num_phases):
+        super().__init__(gamma=0.0)
         self.num_phases = num_phases
+        self.sampling_steps = num_phases
 
     def target_points(self, start, end, schedule, generator):
         return phase_edge(start, phase_edges(schedule.grid.cpu(), self.num_phases))
 
+    def sampling_note(self):
+        return (f"Sample with {self.num_phases} steps (its {self.num_phases} phases) and the `TCDScheduler` saved in "
+                f"`scheduler/` with `eta=0`: each step then maps one phase edge to the next along the teacher's ODE.")
 
-def make_objective(name, num_phases=4):
-    """The objective of --objective (lcm, tcd, pcm)."""
-    return {"lcm": LCM, "tcd": TCD, "pcm": lambda: PCM(num_phases)}[name]()
+
+OBJECTIVES = {"lcm": lambda num_phases, tcd_gamma: LCM(), "tcd": lambda num_phases, tcd_gamma: TCD(tcd_gamma),
+              "pcm": lambda num_phases, tcd_gamma: PCM(num_phases)}
+
+
+def make_objective(name, num_phases=4, tcd_gamma=0.3):
+    """The objective of --objective (lcm, tcd, pcm) with its --num_phases / --tcd_gamma."""
+    return OBJECTIVES[name](num_phases, tcd_gamma)
 
 
 def stack_conditions(cond, uncond):
