@@ -242,6 +242,35 @@ def test_a_relative_teacher_path_from_another_folder_is_one_line(args, tmp_path,
                           f"({tmp_path}) and could not be loaded as a Hub model")
 
 
+def test_a_wrong_yaml_key_gets_the_nearest_flag(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("learning_rat: 1e-4\n")
+    err = error_of(["--config", str(cfg)], capsys)
+    assert err.endswith("unknown key 'learning_rat' in '" + str(cfg) + "'; keys are flag names without '--'; did you "
+                        "mean 'learning_rate'?")
+    cfg.write_text("zzzz: 1\n")
+    assert "did you mean" not in error_of(["--config", str(cfg)], capsys)
+
+
+def test_local_teacher_folders_are_saved_as_absolute_paths(args, assets, tmp_path, monkeypatch, capsys):
+    """A teacher (and VAE) folder given relative to the working folder is resolved, so training_config.yaml and the
+    model card name it from anywhere; a Hub id is left as typed."""
+    from lcm_utils.config import validate
+    from lcm_utils.training import build_parser
+
+    teacher = assets["teacher_eps"]
+    monkeypatch.chdir(os.path.dirname(teacher))
+    relative = os.path.join(".", os.path.basename(teacher))
+    argv = with_flags(args, pretrained_teacher_model=relative, pretrained_vae_model_name_or_path=f"{relative}/vae")
+    assert run_main(argv + ["--dry_run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("first batch")[0])
+    assert resolved["pretrained_teacher_model"] == teacher
+    assert resolved["pretrained_vae_model_name_or_path"] == os.path.join(teacher, "vae")
+    hub = build_parser(FullDistillation, "x").parse_args(with_flags(args, pretrained_vae_model_name_or_path="org/vae"))
+    validate(hub)  # a Hub id is not fetched by the checks
+    assert hub.pretrained_vae_model_name_or_path == "org/vae"
+
+
 @pytest.mark.parametrize("flags, expected", [
     (dict(w_min=9, w_max=3), "error: --w_min (9.0) must be >= 0 and <= --w_max (3.0)"),
     (dict(resolution=30), "error: --resolution (30) must be a multiple of 8"),

@@ -105,6 +105,7 @@ def validate(args):
                               "log in with `hf auth login` instead")
     validate_resume(args)
     scheduler_cfg, vae_cfg = check_teacher(args)
+    absolute_local_paths(args)
     if scheduler_cfg is not None:
         T = scheduler_cfg.get("num_train_timesteps", 1000)
         if args.num_ddim_timesteps > T or T % args.num_ddim_timesteps:
@@ -112,6 +113,15 @@ def validate(args):
                               f"num_train_timesteps ({T}); try 50")
     if vae_cfg is not None:
         check_resolution(args, vae_cfg)
+
+
+def absolute_local_paths(args):
+    """Local model folders as absolute paths, so that training_config.yaml, the model card and scripts/sample.py
+    find them from any folder; Hub ids stay ids."""
+    for name in ("pretrained_teacher_model", "pretrained_vae_model_name_or_path"):
+        value = getattr(args, name)
+        if value and os.path.isdir(value):
+            setattr(args, name, os.path.abspath(value))
 
 
 def check_resolution(args, vae_cfg):

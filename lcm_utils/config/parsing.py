@@ -1,6 +1,7 @@
 """Reading flags over a YAML config file (defaults < --config file < command line) and writing them back out."""
 
 import argparse
+import difflib
 import os
 import sys
 
@@ -56,7 +57,9 @@ def load_yaml_config(parser, path, foreign=None):
         if foreign and f"--{key}" in foreign[0]:
             raise ConfigError(f"--config: '{key}' in '{path}' {foreign[1]}")
         if key not in actions or key == "config":
-            raise ConfigError(f"--config: unknown key '{key}' in '{path}'; keys are flag names without '--'")
+            near = difflib.get_close_matches(key, [k for k in actions if k not in ("help", "config")], n=1, cutoff=0.6)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"--config: unknown key '{key}' in '{path}'; keys are flag names without '--'{hint}")
         out[key] = _convert(actions[key], value, path)
     return out
 
