@@ -16,7 +16,6 @@ from lcm_utils.consistency import guidance_embedding
 from lcm_utils.engines import (ema_update_modules, full_state_dict, load_full_state_dict, read_model_weights,
                                shard_like, write_model_folder)
 from lcm_utils.errors import ConfigError
-from lcm_utils.tensors import in_dtype
 from lcm_utils.training import (DistillationMethod, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
 
@@ -54,22 +53,19 @@ class FullDistillation(DistillationMethod):
     def denoisers(self):
         return [self.student, self.target, self.teacher_denoiser]
 
-    def _inputs(self, model, z, cond):
-        return in_dtype(model.dtype, z, cond, self.family.fp32_conditions)
-
     def _w_embedding(self, w, dtype):
         return guidance_embedding(w, self.guidance_embedding_dim).to(dtype)
 
     def student_forward(self, z, t, cond, w):
-        z, cond = self._inputs(self.student, z, cond)
+        z, cond = self.inputs(self.student.dtype, z, cond)
         return self.student_model(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def teacher_forward(self, z, t, cond):
-        z, cond = self._inputs(self.teacher_denoiser, z, cond)
+        z, cond = self.inputs(self.teacher_denoiser.dtype, z, cond)
         return self.teacher_denoiser(z, t, **cond).sample
 
     def target_forward(self, z, t, cond, w):
-        z, cond = self._inputs(self.target, z, cond)
+        z, cond = self.inputs(self.target.dtype, z, cond)
         return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
 
     def update_target(self, gate=None):

@@ -19,7 +19,6 @@ from lcm_utils.consistency import ema_update
 from lcm_utils.engines import copy_full_into, full_tensors, uses_fsdp, zero_stage
 from lcm_utils.errors import ConfigError
 from lcm_utils.families import load_teacher_denoiser
-from lcm_utils.tensors import in_dtype
 from lcm_utils.training import (DistillationMethod, main, pretrained_parts, sampler_usage, stock_pipeline,
                                 vae_import)
 
@@ -82,21 +81,17 @@ class LoraDistillation(DistillationMethod):
     def denoisers(self):
         return [self.student]
 
-    def _inputs(self, z, cond):
-        """Inputs in the base's dtype (peft casts to the adapters' itself)."""
-        return in_dtype(self.student.dtype, z, cond, self.family.fp32_conditions)
-
     def lora_state(self):
         params = dict(self.student.named_parameters())
         return {name: params[name] for name in self.lora_names}
 
     def student_forward(self, z, t, cond, w):
-        z, cond = self._inputs(z, cond)
+        z, cond = self.inputs(self.student.dtype, z, cond)  # the base's dtype; peft casts to the adapters' itself
         return self.student_model(z, t, **cond).sample
 
     def teacher_forward(self, z, t, cond):
         # On the unwrapped UNet (not through DDP): a no-grad pass that must not take part in gradient sync.
-        z, cond = self._inputs(z, cond)
+        z, cond = self.inputs(self.student.dtype, z, cond)
         self.student.disable_adapters()
         try:
             return self.student(z, t, **cond).sample
@@ -104,7 +99,7 @@ class LoraDistillation(DistillationMethod):
             self.student.enable_adapters()
 
     def target_forward(self, z, t, cond, w):
-        z, cond = self._inputs(z, cond)
+        z, cond = self.inputs(self.student.dtype, z, cond)
         if self.ema is None:
             return self.student(z, t, **cond).sample
         # The EMA adapters stand in for the online ones for this call only; the online tensors stay

@@ -29,12 +29,16 @@ def pretrained_source(args):
     return dict(revision=teacher_revision(args), cache_dir=args.cache_dir)
 
 
-def family_at(path, src=None):
-    """The family class of a teacher folder or Hub id, from its denoiser config alone (no weights)."""
+def denoiser_config(path, src=None):
+    """The denoiser config (dict) of a teacher folder or Hub id; no weights are read."""
     # Every family here keeps its denoiser in unet/: the base family's reader takes any of their configs.
-    config = StableDiffusion.denoiser_class().load_config(path, subfolder=StableDiffusion.denoiser_folder,
-                                                          **(src or {}))
-    return family_of(config)
+    return StableDiffusion.denoiser_class().load_config(path, subfolder=StableDiffusion.denoiser_folder,
+                                                        **(src or {}))
+
+
+def family_at(path, src=None):
+    """The family class of a teacher folder or Hub id, from its denoiser config alone."""
+    return family_of(denoiser_config(path, src))
 
 
 def teacher_family(args):
@@ -44,10 +48,9 @@ def teacher_family(args):
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation notes about its own arguments
             warnings.simplefilter("ignore", UserWarning)
-            return family_at(name, pretrained_source(args))
+            config = denoiser_config(name, pretrained_source(args))
     except (OSError, ValueError) as e:
-        if isinstance(e, ConfigError):  # the config was read: it names no family here
-            raise
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--pretrained_teacher_model: '{name}' is not a folder here ({os.getcwd()}) and could not "
                           f"be loaded as a Hub model ({reason}); pass the teacher folder's path or a Hub id") from None
+    return family_of(config)

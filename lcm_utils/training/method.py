@@ -5,6 +5,7 @@ asks which method, family or objective it runs.
 """
 
 from ..objectives import make_objective
+from ..tensors import in_dtype
 
 
 class DistillationMethod:
@@ -38,6 +39,11 @@ class DistillationMethod:
     def denoisers(self):
         """Every denoiser the run holds (for attention backends, memory format, compilation)."""
         raise NotImplementedError
+
+    def inputs(self, dtype, z, cond):
+        """(z, cond) for a denoiser whose weights are in `dtype` (see tensors.in_dtype); the family's fp32
+        conditions stay fp32."""
+        return in_dtype(dtype, z, cond, self.family.fp32_conditions)
 
     def trainable_parameters(self):
         return [p for p in self.student.parameters() if p.requires_grad]
