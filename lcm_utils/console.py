@@ -29,20 +29,31 @@ class ProgressDisplay:
         if self.bar is None and self.enabled:
             print(text, flush=True)
 
+    def say(self, text):
+        """A line for terminals and log files alike, printed above the bar when there is one."""
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, flush=True)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
 
 
 def quiet_libraries():
-    """Keep library chatter (diffusers' float32-module notes, deprecations) out of a run's output; --verbose keeps it."""
+    """Keep library chatter (diffusers' float32-module notes, deprecations, Hub retries) out of a run's output;
+    --verbose keeps it."""
     import warnings
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from huggingface_hub.utils import logging as hub_logging
+
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # its "Retrying in 4s" lines while the Hub cannot be reached
     diffusers_logging.disable_progress_bar()  # "Loading weights" bars of every component
     transformers_logging.disable_progress_bar()
     for category in (FutureWarning, DeprecationWarning):

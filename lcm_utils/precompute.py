@@ -12,7 +12,6 @@ The format is described in lcm_utils/data/sources/latents.py. This module also c
 training run (`check_precomputed`): same family, resolution, VAE and text encoders.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from .console import ProgressDisplay, quiet_libraries
 from .data import DataSpec, Transform, check_data_spec, data_location, format_counts, given_sources
 from .data.sources.latents import FORMAT, KEPT_METADATA, shard_pattern, write_header, write_sample
 from .errors import ConfigError, DataError, report
+from .fingerprints import config_fingerprint, weights_differ, weights_fingerprint
 from .families import load_encoders, pretrained_source, teacher_family, vae_scale_factor
 from .tensors import DTYPES, precision_dtype
 
@@ -81,13 +81,6 @@ def validate(args):
 # ----------------------------------------------------------------------------- the shards fit the run
 
 
-def config_fingerprint(config):
-    """Short hash of a model config dict, without the keys that name files or library versions."""
-    kept = {k: v for k, v in dict(config).items()
-            if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def vae_source(args):
     """(path or id, subfolder) of the VAE a run uses."""
     if args.pretrained_vae_model_name_or_path:
@@ -96,7 +89,8 @@ def vae_source(args):
 
 
 def encoder_fingerprints(args, family_cls):
-    """Fingerprints of the VAE's and each text encoder's config: read from the config files alone (no weights)."""
+    """Fingerprints of the VAE and each text encoder: their configs, and a sampled hash of their weight files (a few
+    MB of reads; see fingerprints.py), so that shards encoded by other weights of the same shape are told apart."""
     from diffusers import AutoencoderKL
     from transformers import PretrainedConfig
 
@@ -104,10 +98,14 @@ def encoder_fingerprints(args, family_cls):
     vae_path, vae_sub = vae_source(args)
     vae_src = src if vae_sub else dict(cache_dir=args.cache_dir)
     vae = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, **vae_src)
+    folders = [folder for _, folder in family_cls.text_parts]
     texts = [PretrainedConfig.get_config_dict(args.pretrained_teacher_model, subfolder=folder, **src)[0]
-             for _, folder in family_cls.text_parts]
+             for folder in folders]
     return {"vae_config": config_fingerprint(vae), "text_encoder_configs": [config_fingerprint(t) for t in texts],
-            "scaling_factor": float(vae.get("scaling_factor", 0.18215))}
+            "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+            "vae_weights": weights_fingerprint(vae_path, vae_sub, **vae_src),
+            "text_encoder_weights": [weights_fingerprint(args.pretrained_teacher_model, folder, **src)
+                                     for folder in folders]}
 
 
 def header_record(args, family, latent_shape, storage_dtype, crops_per_image):
@@ -140,8 +138,18 @@ def check_precomputed(record, args, family_cls):
                           f"VAE (--pretrained_vae_model_name_or_path) or precompute with this one")
     if ours["text_encoder_configs"] != record["text_encoder_configs"]:
         raise ConfigError(f"{where}: the precomputed text embeddings come from the text encoder(s) of "
-                          f"'{record['teacher']}', whose configs differ from those of '{args.pretrained_teacher_model}'; "
-                          f"precompute with this teacher")
+                          f"'{record['teacher']}', whose configs differ from those of "
+                          f"'{args.pretrained_teacher_model}'; precompute with this teacher")
+    # Shards written before weights were fingerprinted carry configs only; those are compared above.
+    if weights_differ(record.get("vae_weights"), ours["vae_weights"]):
+        raise ConfigError(f"{where}: the precomputed latents were encoded by the VAE of '{record['vae']}', whose "
+                          f"weights differ from this run's (same config, other weights); precompute with this VAE")
+    recorded_texts = record.get("text_encoder_weights") or []
+    if any(weights_differ(a, b) for a, b in zip(recorded_texts, ours["text_encoder_weights"])):
+        raise ConfigError(f"{where}: the precomputed text embeddings were encoded by the text encoder(s) of "
+                          f"'{record['teacher']}', whose weights differ from those of "
+                          f"'{args.pretrained_teacher_model}' (same configs, other weights); precompute with this "
+                          f"teacher")
     notes = []
     for flag in ("center_crop", "random_flip", "interpolation_type"):
         if getattr(args, flag) != record[flag]:

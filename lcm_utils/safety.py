@@ -81,7 +81,55 @@ class StopAgreement:
         return int(flag.item())
 
 
-def resume_command(argv, script):
+# What a stop may take before the launcher kills the run: accelerate's single-process launcher terminates the script
+# and kills it 5 s later (accelerate 1.x, _terminate_process_tree); torchrun's agent waits --shutdown_timeout.
+SIMPLE_LAUNCHER_GRACE_S = 5.0
+TORCHRUN_DEFAULT_GRACE_S = 30.0
+# A start-up estimate of the save speed, until a real save is timed: benchmarks/save_time.py measured 0.62 GB/s for
+# a full SD 1.5 checkpoint on this project's machine (docs/stopping-and-resume.md); rounded down.
+ASSUMED_WRITE_GB_S = 0.5
+
+
+def launch_path():
+    """(how this process was started, seconds a stop gets before the launcher kills it; None when the launcher sets
+    no limit: a plain `python train_*.py`, where only the job system's grace period counts)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun's agent: accelerate launch --multi_gpu, torchrun
+        return "torchrun", float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_DEFAULT_GRACE_S))
+    try:
+        import psutil  # accelerate's own dependency
+
+        parent = " ".join(psutil.Process(os.getppid()).cmdline())
+    except Exception:  # no psutil, or the parent is gone: no launcher to read
+        return "python", None
+    if "accelerate" in parent and "launch" in parent:
+        return "accelerate launch", SIMPLE_LAUNCHER_GRACE_S
+    return "python", None
+
+
+def stop_grace_warning(launcher, grace_s, checkpoint_bytes, save_s=None):
+    """A one-line warning when a checkpoint takes longer to write (timed, or estimated from its size) than the
+    launcher lets a stop run before its kill; None when it fits."""
+    if grace_s is None:
+        return None
+    estimated = save_s is None
+    if estimated:
+        save_s = checkpoint_bytes / (ASSUMED_WRITE_GB_S * 1e9)
+    if save_s <= grace_s:
+        return None
+    took = (f"is about {checkpoint_bytes / 1e9:.1f} GB (about {save_s:.0f} s to write at {ASSUMED_WRITE_GB_S:g} GB/s)"
+            if estimated else f"took {save_s:.1f} s to write")
+    if launcher == "torchrun":
+        fix = (f"raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT (now {grace_s:g}) to at least {2 * save_s + 10:.0f} in the "
+               f"launch environment")
+    else:
+        fix = ("start a single-process run with `python train_*.py ...` instead (no launcher between the signal and "
+               "the run)")
+    return (f"warning: this run's checkpoint {took} and {launcher} gives a stop {grace_s:g} s before it kills the "
+            f"run, so a Ctrl-C or SIGTERM would lose the steps since the last checkpoint; {fix} "
+            f"(docs/stopping-and-resume.md)")
+
+
+def resume_command(argv, script, launcher="accelerate launch"):
     """The command line that continues this run: its flags with --resume_from_checkpoint latest."""
     import shlex
 
@@ -93,7 +141,8 @@ def resume_command(argv, script):
             skip_value = True
         elif not arg.startswith("--resume_from_checkpoint="):
             kept.append(shlex.quote(arg))
-    return " ".join(["accelerate launch", shlex.quote(script), *kept, "--resume_from_checkpoint latest"])
+    return " ".join([launcher if launcher == "python" else "accelerate launch", shlex.quote(script), *kept,
+                     "--resume_from_checkpoint latest"])
 
 
 class StepHealth:

@@ -115,3 +115,19 @@ def straight_and_resumed(script, make_args, tmp_path, num_processes=1, after=("c
     check_ok(result)
     assert f"resumed from {os.path.join(resumed, 'checkpoint-2')}" in result.stdout
     return straight, resumed
+
+
+def copy_with_altered_weights(teacher, out_dir, *parts):
+    """A copy of a teacher folder whose `parts` (e.g. 'unet', 'vae', 'text_encoder') have other weights of the same
+    shapes and configs: one tensor of each is shifted, as a fine-tune would change it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(teacher, out_dir)
+    for part in parts:
+        folder = os.path.join(out_dir, part)
+        name = next(n for n in sorted(os.listdir(folder)) if n.endswith(".safetensors"))
+        tensors = load_file(os.path.join(folder, name))
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first] + 0.01
+        save_file(tensors, os.path.join(folder, name))
+    return out_dir

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import RESOLUTION, ROOT, base_args, check_ok, launch, script_env, straight_and_resumed
+from conftest import (RESOLUTION, ROOT, base_args, check_ok, copy_with_altered_weights, launch, script_env,
+                      straight_and_resumed)
 from lcm_utils import precompute
 
 SHARDS = "{00000..00001}.tar"
@@ -230,6 +231,8 @@ def test_two_processes_write_disjoint_shards_and_train(assets, tmp_path):
     (dict(resolution=2 * RESOLUTION), "hold latents of 16 px images, this run has --resolution 32"),
     (dict(teacher="sdxl"), "hold SD 1.x/2.x text embeddings, but the teacher"),
     (dict(vae="scaled"), "whose config differs from this run's"),
+    (dict(altered="vae"), "whose weights differ from this run's (same config, other weights)"),
+    (dict(altered="text_encoder"), "(same configs, other weights); precompute with this teacher"),
 ])
 def test_mismatched_shards_are_refused_before_any_model_loads(assets, sdxl_assets, latent_shards, tmp_path,
                                                              monkeypatch, capsys, change, expected):
@@ -240,6 +243,8 @@ def test_mismatched_shards_are_refused_before_any_model_loads(assets, sdxl_asset
     if "resolution" in change:
         flags["resolution"] = change["resolution"]
     teachers = {"teacher": sdxl_assets["sdxl"] if change.get("teacher") else assets["teacher_eps"]}
+    if change.get("altered"):  # the same configs, other weights: only a fingerprint of the weights tells
+        teachers["teacher"] = copy_with_altered_weights(assets["teacher_eps"], str(tmp_path / "copy"), change["altered"])
     if change.get("vae"):
         vae = str(tmp_path / "vae")
         shutil.copytree(os.path.join(assets["teacher_eps"], "vae"), vae)

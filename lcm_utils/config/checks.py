@@ -7,8 +7,10 @@ import importlib.util
 import os
 import re
 
+from .. import checkpoint as ckpt
 from ..errors import ConfigError
-from ..families import family_of, read_json, vae_scale_factor
+from ..families import family_of, read_json, teacher_identity, vae_scale_factor
+from ..fingerprints import weights_differ
 from .flags import TRACKERS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,6 +108,7 @@ def validate(args):
     validate_resume(args)
     scheduler_cfg, vae_cfg = check_teacher(args)
     absolute_local_paths(args)
+    check_resume_teacher(args)
     if scheduler_cfg is not None:
         T = scheduler_cfg.get("num_train_timesteps", 1000)
         if args.num_ddim_timesteps > T or T % args.num_ddim_timesteps:
@@ -136,6 +139,15 @@ def check_resolution(args, vae_cfg):
         near = max(need, round(args.resolution / need) * need)
         raise ConfigError(f"--resolution ({args.resolution}) must be a multiple of {need} (8 for the pipelines, "
                           f"{vae_factor} for the VAE's latents); try {near}")
+    teacher = args.pretrained_teacher_model
+    if os.path.isfile(os.path.join(teacher, "unet", "config.json")):
+        denoiser_cfg = read_json(teacher, "unet", "config.json")
+        family = family_of(denoiser_cfg)
+        least = family.min_latent_side(denoiser_cfg) * vae_factor
+        if args.resolution < least:
+            raise ConfigError(f"--resolution ({args.resolution}) is below the {least} px that the teacher's "
+                              f"{family.name} denoiser can sample (a {least // vae_factor}x{least // vae_factor} "
+                              f"latent, one pixel after its downsamplings); use at least {math.lcm(least, need)}")
 
 
 def check_precision(args):
@@ -159,3 +171,34 @@ def validate_resume(args):
     if not (os.path.isdir(name) or os.path.isdir(os.path.join(args.output_dir, os.path.basename(name)))):
         raise ConfigError(f"--resume_from_checkpoint: '{name}' does not exist in '{args.output_dir}'; "
                           f"use 'latest' or one of the checkpoint-<step> folders")
+
+
+def check_resume_teacher(args):
+    """Refuse, in one line and before any weights load, a resume on another teacher than the checkpoint's: another
+    family or architecture always (its weights cannot fit), other weights or prediction type unless
+    --allow_teacher_change says it is meant."""
+    path = ckpt.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        return
+    recorded = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE)).get("teacher")
+    if recorded is None:  # written before checkpoints recorded their teacher
+        return
+    ours = teacher_identity(args)
+    was = f"'{path}' was trained against '{recorded['teacher']}'"
+    now = f"this run's --pretrained_teacher_model '{args.pretrained_teacher_model}'"
+    if recorded["family"] != ours["family"]:
+        raise ConfigError(f"--resume_from_checkpoint: {was} ({recorded['family']}); {now} is {ours['family']}: a "
+                          f"student cannot change family; resume with the teacher it was trained against, or start "
+                          f"a new --output_dir")
+    if args.allow_teacher_change:
+        return
+    if recorded["denoiser_config"] != ours["denoiser_config"]:
+        differs = "has another denoiser config (architecture)"
+    elif recorded["prediction_type"] != ours["prediction_type"]:
+        differs = f"predicts {ours['prediction_type']}, not {recorded['prediction_type']}"
+    elif weights_differ(recorded["weights"], ours["weights"]):
+        differs = "has other denoiser weights"
+    else:
+        return
+    raise ConfigError(f"--resume_from_checkpoint: {was}; {now} {differs}; resume with the teacher it was trained "
+                      f"against, or pass --allow_teacher_change if continuing on this teacher is intended")

@@ -187,6 +187,10 @@ def add_output_flags(parser):
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (starts fresh when there is none), a checkpoint name or a path.")
+    g.add_argument("--allow_teacher_change", action="store_true",
+                   help="Resume a checkpoint trained against another teacher of the same family and architecture "
+                        "(e.g. a fine-tune of the same base, or another prediction type); without it, such a "
+                        "resume is refused before anything loads.")
     g.add_argument("--stop_signals", type=str, default=DEFAULT_STOP_SIGNALS,
                    help="Signals that make every rank finish its step, write a checkpoint and exit with status "
                         "128 + signal number (a second one stops at once); comma list, or 'none'.")

@@ -27,6 +27,26 @@ def format_counts(counts: Counter) -> str:
     return ", ".join(f"{reason}: {counts[reason]}" for reason in sorted(counts)) or "none"
 
 
+def data_report(counts: dict, used: int):
+    """(one line, share dropped, filter flags that dropped some) on what the data lost: broken samples (bad data),
+    filtered ones (a rule the user set) and repaired ones (kept), each by reason; the share is of the samples read
+    (`used` ones were trained on)."""
+    groups = {"broken": {}, "filtered": {}, "repaired": {}}
+    for reason, n in sorted(counts.items()):
+        if reason == REENCODED:
+            groups["repaired"][reason] = n
+        elif reason.startswith(FILTER_PREFIX):
+            groups["filtered"]["--" + reason[len(FILTER_PREFIX):]] = n
+        else:
+            groups["broken"][reason] = n
+    dropped = sum(groups["broken"].values()) + sum(groups["filtered"].values())
+    share = dropped / max(used + dropped, 1)
+    parts = [f"{sum(group.values())} {kind} ({', '.join(f'{reason} {n}' for reason, n in group.items())})"
+             for kind, group in groups.items() if group]
+    line = f"data: {', '.join(parts)}; {dropped} of {used + dropped} samples read were dropped ({share:.1%})"
+    return line, share, sorted(groups["filtered"])
+
+
 def _empty_epoch_error(source, slot: int, num_readers: int, epoch: int) -> DataError:
     """Error for a reader whose epoch has no raw samples at all."""
     return DataError(

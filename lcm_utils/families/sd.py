@@ -66,6 +66,12 @@ class StableDiffusion:
                 raise ConfigError(f"{flag}: '{local}' has {cls.missing_part_context(denoiser_config)}no "
                                   f"{sub}/{fname or ''}; pass a complete diffusers-format {cls.name} folder")
 
+    @staticmethod
+    def min_latent_side(denoiser_config):
+        """The smallest latent side the denoiser samples at: one latent pixel left after its downsamplings (a
+        smaller latent is padded up, and trains on padding)."""
+        return 2 ** (len(denoiser_config.get("block_out_channels", (0,))) - 1)
+
     @classmethod
     def missing_part_context(cls, denoiser_config):
         """What the folder was recognised as, for the missing-part error (empty for the base family)."""
@@ -82,6 +88,13 @@ class StableDiffusion:
     def load_denoiser(cls, path, src):
         """The teacher's denoiser (fp32, as stored) from a folder or Hub id."""
         return cls.denoiser_class().from_pretrained(path, subfolder=cls.denoiser_folder, **src)
+
+    @classmethod
+    def noise_scheduler_config(cls, path, src):
+        """The noise scheduler's config (dict) alone: its prediction type and schedule, no weights."""
+        import diffusers
+
+        return getattr(diffusers, cls.noise_scheduler_class_name).load_config(path, subfolder="scheduler", **src)
 
     @classmethod
     def load_noise_scheduler(cls, path, src):

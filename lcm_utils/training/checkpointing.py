@@ -28,8 +28,8 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         ckpt.write_json(os.path.join(folder, ckpt.STATE_FILE),
-                        {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes, "run_id": run.run_id,
-                         "engine": engine_name(acc),
+                        {"global_step": step, "seed": args.seed, "num_processes": acc.num_processes,
+                         "run_id": run.run_id, "engine": engine_name(acc), "teacher": run.teacher_identity,
                          "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
         final = ckpt.publish(args.output_dir, step, args.checkpoints_total_limit)
         run.log(f"saved {final}")
@@ -58,7 +58,12 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
                           f"DeepSpeed keeps one optimizer shard per process; relaunch with that number")
     args.seed = state["seed"]  # a run started without --seed keeps the seed it drew (config, validation)
     run.run_id = state.get("run_id", run.run_id)
-    run.method.load_state(path)
+    try:
+        run.method.load_state(path)
+    except RuntimeError as e:  # torch's many-line state-dict report: the first line says enough
+        raise ConfigError(f"--resume_from_checkpoint: the weights in '{path}' do not fit this run's student "
+                          f"({str(e).strip().splitlines()[0][:160]}); resume with the teacher and flags that wrote "
+                          f"it") from None
     load_optimizer_state(acc, run.method.student_model, optimizer, path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:

@@ -3,7 +3,8 @@
 import sys
 
 from ..config import FlagParser, add_shared_flags, config_text, parse_args, validate
-from ..data import DataSpec, TrainStream, check_data_spec
+from ..console import quiet_libraries
+from ..data import DataSpec, TrainStream, check_data_spec, data_report
 from ..errors import ConfigError, DataError, ReaderError, TrainingError, report
 from ..families import teacher_family
 from ..precompute import check_precomputed
@@ -46,17 +47,21 @@ def main(method_cls, description, argv=None):
 
 
 def dry_run(args):
-    """Print the resolved config and the first batch's shapes; load no model weights."""
-    print(config_text(args))
+    """Check the teacher's family, the data and its first batch, then print the resolved config and the batch's
+    shapes; load no model weights. An error is the only line printed."""
+    if not args.verbose:
+        quiet_libraries()
     # Reads the teacher's denoiser config (fetched for a Hub id): a wrong id fails here, as the real run would.
     family_cls = teacher_family(args)
     stream = TrainStream(DataSpec.from_flags(args, args.seed or 0, family_cls.uses_original_size))
-    if stream.precomputed:
-        for note in check_precomputed(stream.precomputed, args, family_cls):
-            print(f"note: {note}")
+    notes = check_precomputed(stream.precomputed, args, family_cls) if stream.precomputed else []
     batch = next(iter(stream))
+    print(config_text(args))
+    for note in notes:
+        print(f"note: {note}")
     content = "latent_mean" if stream.precomputed else "pixel_values"
-    print(f"first batch: {content} {tuple(batch[content].shape)}, captions {batch['captions'][:2]}, "
-          f"skipped so far {stream.skipped}")
+    print(f"first batch: {content} {tuple(batch[content].shape)}, captions {batch['captions'][:2]}")
+    if stream.skipped:
+        print(data_report(stream.skipped, len(batch["captions"]))[0])
     print("dry run OK: flags, paths and data are valid; no model was loaded")
     return 0

@@ -13,7 +13,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import save_resolved_config
 from ..console import ProgressDisplay, quiet_libraries
-from ..data import DataSpec, TrainStream, latents_from_posterior
+from ..data import DataSpec, TrainStream, data_report, latents_from_posterior
 from ..engines import check_engine_support, configure_deepspeed, uses_deepspeed, uses_fsdp
 from ..errors import TrainingError
 from ..families import encode_images, teacher_family
@@ -23,10 +23,10 @@ from ..safety import StepHealth, StopAgreement, StopSignals, parse_stop_signals,
 from .checkpointing import resume, save_checkpoint
 from .export import finish
 from .setup import (Run, build_models, learning_rate, make_optimizer, resolve_max_train_steps, skips_on_device,
-                    summary, tracker_config)
+                    summary, tracker_config, warn_if_a_stop_cannot_save)
 from .validation import run_validation
 
-SKIP_LOG_EVERY = 50  # optimizer steps between logged skipped-sample counts (they need a gather)
+DROPPED_WARNING = 0.05  # a share of dropped samples worth a warning: the data is not what the user thinks
 
 
 def train(args, method):
@@ -54,7 +54,8 @@ class Training:
     max_train_steps: int
     step: int = 0
     saved_step: int = None  # the step of the newest complete checkpoint
-    looked_at: int = 0  # the step of the last skip-count gather
+    data_said: dict = None  # the skip counts last printed (None before the first gather)
+    warned: bool = False  # whether the dropped share was warned about
 
 
 def train_loop(run, stop):
@@ -77,6 +78,7 @@ def train_loop(run, stop):
         text = save_resolved_config(args, args.output_dir)
         run.log(text if args.verbose else summary(args, teacher, acc, bool(stream.precomputed)))
         acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
+    warn_if_a_stop_cannot_save(run)
     optimizer, generator, max_train_steps = state.optimizer, state.generator, state.max_train_steps
     if state.step >= max_train_steps:
         run.log(f"the checkpoint is at step {state.step}, --max_train_steps is {max_train_steps}: nothing to train")
@@ -132,15 +134,17 @@ def train_loop(run, stop):
         if to_validate:
             run_validation(run, teacher, state.step)
         if stop_signal:
+            say_data(run, state, progress, state.data_said)
             progress.close()
             run.log(f"stopped at step {state.step} (checkpoint-{state.step}); resume with: "
-                    f"{resume_command(sys.argv[1:], sys.argv[0])}")
+                    f"{resume_command(sys.argv[1:], sys.argv[0], run.launcher)}")
             acc.end_training()
             return 128 + stop_signal
         if state.step >= max_train_steps:
             break
         if to_checkpoint or to_validate:
             window.restart(state.step)  # throughput counts training only, not saving or validating
+    say_data(run, state, progress, state.data_said)
     progress.close()
     checkpoint(run, state)  # the last step is always resumable, so a run can be extended (already saved: no-op)
     finish(run, teacher, state.step)
@@ -172,14 +176,16 @@ def prepare(run, teacher, stream):
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
     step = resume(run, optimizer, lr_scheduler, stream, generator)
     return Training(stream, params, optimizer, lr_scheduler, schedule, generator, max_train_steps, step,
-                    saved_step=step if step else None, looked_at=step)
+                    saved_step=step if step else None)
 
 
 def checkpoint(run, state):
     """Save the current step, unless its checkpoint is already written."""
     if state.saved_step != state.step:
+        start = time.perf_counter()
         save_checkpoint(run, state.step, state.optimizer, state.lr_scheduler, state.stream, state.generator)
         state.saved_step = state.step
+        warn_if_a_stop_cannot_save(run, time.perf_counter() - start)
 
 
 def look(run, state, health, progress, window):
@@ -193,9 +199,11 @@ def look(run, state, health, progress, window):
         raise
     logs = {"train/loss": loss, "train/lr": state.lr_scheduler.get_last_lr()[0],
             "train/samples_per_s": window.samples_per_s(step), "train/nonfinite_skipped": skipped}
-    if step - state.looked_at >= SKIP_LOG_EVERY or step == state.max_train_steps:
-        logs.update(gather_skip_counts(acc, state.stream))
-        state.looked_at = step
+    counts = gather_skip_counts(acc, state.stream)  # a few small dicts, once per look
+    logs.update({f"data/skipped_{reason}": n for reason, n in counts.items()})
+    if counts != (state.data_said or {}) and step != state.max_train_steps:  # the end says it anyway
+        say_data(run, state, progress, counts)
+    state.data_said = counts
     progress.show(step, loss, logs["train/lr"], logs["train/samples_per_s"])
     acc.log(logs, step=step)
 
@@ -216,13 +224,30 @@ def arm_skip(optimizer, gate):
 
 
 def gather_skip_counts(acc, stream):
+    """Every rank's skip, filter and repair counts summed, by reason."""
     from accelerate.utils import gather_object
 
     totals = {}
     for counts in gather_object([dict(stream.skipped)]):
         for reason, n in counts.items():
-            totals[f"data/skipped_{reason}"] = totals.get(f"data/skipped_{reason}", 0) + n
-    return totals
+            totals[reason] = totals.get(reason, 0) + n
+    return dict(sorted(totals.items()))
+
+
+def say_data(run, state, progress, counts):
+    """Print what the data lost so far (by reason: broken, filtered, repaired), and warn once when more than
+    DROPPED_WARNING of the samples read were dropped."""
+    if not counts or not run.accelerator.is_main_process:
+        return
+    args = run.args
+    used = state.step * args.train_batch_size * args.gradient_accumulation_steps * run.accelerator.num_processes
+    line, share, filters = data_report(counts, used)
+    progress.say(line)
+    if share > DROPPED_WARNING and not state.warned:
+        state.warned = True
+        fix = f"loosen {' / '.join(filters)} or " if filters else ""
+        progress.say(f"warning: {share:.0%} of the samples read were dropped (more than {DROPPED_WARNING:.0%}): "
+                     f"{fix}check the data; the counts by reason are above")
 
 
 class Window:

@@ -48,6 +48,10 @@ class DistillationMethod:
     def trainable_parameters(self):
         return [p for p in self.student.parameters() if p.requires_grad]
 
+    def checkpoint_bytes(self):
+        """About what a checkpoint writes: the trained weights, their EMA target and AdamW's two moments, in fp32."""
+        return 4 * 4 * sum(p.numel() for p in self.trainable_parameters())
+
     def student_forward(self, z, t, cond, w):
         raise NotImplementedError
 

@@ -9,7 +9,8 @@ from .. import checkpoint as ckpt
 from ..data import data_location
 from ..engines import frozen_loading, uses_deepspeed, uses_fsdp, zero_stage
 from ..errors import ConfigError
-from ..families import load_teacher
+from ..families import load_teacher, teacher_identity
+from ..safety import launch_path, stop_grace_warning
 from ..tensors import precision_dtype
 
 
@@ -30,6 +31,9 @@ class Run:
             args.seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little") >> 1])[0]
         # Names this run across its checkpoints and resumes (a resume takes the checkpoint's), for the export record.
         self.run_id = broadcast_object_list([os.urandom(8).hex()])[0]
+        self.teacher_identity = teacher_identity(args)  # recorded in every checkpoint: a resume compares it
+        self.launcher, self.stop_grace_s = launch_path()  # how long a stop's checkpoint may take
+        self.grace_warned = False
         set_seed(args.seed)  # same on every rank: identical initialisation everywhere
         self.weight_dtype = precision_dtype(acc.mixed_precision)
         if args.allow_tf32 and torch.cuda.is_available():
@@ -130,7 +134,12 @@ def summary(args, teacher, acc, precomputed=False):
         data += " (precomputed latents and text embeddings)"
     precision = acc.mixed_precision if acc.mixed_precision != "no" else "fp32"
     engine = " (FSDP)" if uses_fsdp(acc) else f" (DeepSpeed ZeRO-{zero_stage(acc)})" if uses_deepspeed(acc) else ""
+    vae = args.pretrained_vae_model_name_or_path or "the teacher's vae/"
+    vae_param = next(teacher.vae.parameters())
+    vae_use = "validation only" if precomputed else "encodes every batch"
     return (f"teacher:   {args.pretrained_teacher_model} ({teacher.family.name}, {teacher.prediction_type})\n"
+            f"vae:       {vae} ({str(vae_param.dtype).replace('torch.', '')} on {vae_param.device.type}, "
+            f"{vae_use})\n"
             f"data:      {data}\n"
             f"batch:     {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
             f"{acc.num_processes} process(es){engine}, {args.resolution} px, {precision} on {acc.device.type}\n"
@@ -141,3 +150,14 @@ def tracker_config(args):
     """Tracker hyperparameters must be scalars: lists become strings, the token is left out."""
     return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
             if k != "hub_token" and (v is None or isinstance(v, (int, float, str, bool, list, tuple)))}
+
+
+def warn_if_a_stop_cannot_save(run, save_s=None):
+    """Say once when a checkpoint (estimated at start, then timed at each save) takes longer than the launcher lets a
+    stop run before its kill."""
+    if run.grace_warned:
+        return
+    warning = stop_grace_warning(run.launcher, run.stop_grace_s, run.method.checkpoint_bytes(), save_s)
+    if warning:
+        run.grace_warned = True
+        run.log(warning)
