@@ -85,8 +85,8 @@ class StopAgreement:
 # and kills it 5 s later (accelerate 1.x, _terminate_process_tree); torchrun's agent waits --shutdown_timeout.
 SIMPLE_LAUNCHER_GRACE_S = 5.0
 TORCHRUN_DEFAULT_GRACE_S = 30.0
-# A start-up estimate of the save speed, until a real save is timed: benchmarks/save_time.py measured 0.62 GB/s for
-# a full SD 1.5 checkpoint on this project's machine (docs/stopping-and-resume.md); rounded down.
+# A start-up estimate of the save speed, until a real save is timed: the first save of a process is the slow one,
+# 0.51 GB/s for a full SD 1.5 checkpoint on this project's machine (benchmarks/save_time.py; 1.2 GB/s after it).
 ASSUMED_WRITE_GB_S = 0.5
 
 

@@ -122,11 +122,11 @@ def family_of_teacher(teacher):
 
     config = denoiser_config(teacher)
     try:
-        family = family_of(config)
+        family = family_of(config, flag="--teacher")
         if os.path.isdir(teacher):
             family.check_folder(teacher, config, "--teacher")
-    except ConfigError as e:  # family_of names the training scripts' flag
-        fail(str(e).replace("--pretrained_teacher_model", "--teacher", 1))
+    except ConfigError as e:
+        fail(str(e))
     return family
 
 

@@ -11,12 +11,12 @@ from .sdxl import StableDiffusionXL
 FAMILIES = {None: StableDiffusion, "text_time": StableDiffusionXL}  # by the UNet's addition_embed_type
 
 
-def family_of(denoiser_config, source="the teacher's unet/config.json"):
+def family_of(denoiser_config, source="the teacher's unet/config.json", flag="--pretrained_teacher_model"):
     """The family class for a denoiser config (dict); ConfigError for one no family here takes."""
     kind = denoiser_config.get("addition_embed_type")
     if kind not in FAMILIES:
         known = ", ".join(repr(k) for k in FAMILIES if k) + " or none"
-        raise ConfigError(f"--pretrained_teacher_model: {source} has addition_embed_type {kind!r}; this trainer "
+        raise ConfigError(f"{flag}: {source} has addition_embed_type {kind!r}; this trainer "
                           f"takes SD 1.x/2.x and SDXL-family UNets ({known})")
     return FAMILIES[kind]
 
