@@ -41,6 +41,9 @@ def add_shape_flags(parser, default_channels):
                         help="Built teacher: ResNet/attention layers per UNet (and VAE) level (SD: 2).")
     parser.add_argument("--cross_attention_dim", type=int, default=TINY_SHAPE["cross_attention_dim"],
                         help="Built teacher: text width (SD 1.x: 768); other than 32 builds a 12-layer CLIP of it.")
+    parser.add_argument("--text_layers", type=int, default=12,
+                        help="Built teacher: layers of the CLIP text encoder built for --cross_attention_dim (SD: 12; "
+                             "fewer gives a benchmark model SD 1.5's small text-encoder share of the step).")
     parser.add_argument("--vae_channels", default=TINY_SHAPE["vae_channels"],
                         help="Built teacher: VAE level widths; latents are resolution / 2**(levels - 1) (SD: 8).")
     parser.add_argument("--sd15_shape", action="store_true",
@@ -125,7 +128,7 @@ def build_teacher(out_dir, args, resolution):
     dim = args.cross_attention_dim
     if dim != TINY_SHAPE["cross_attention_dim"]:  # CLIP ViT-L/14's text tower at this width
         CLIPTextModel(CLIPTextConfig(
-            vocab_size=514, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=12,
+            vocab_size=514, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=args.text_layers,
             num_attention_heads=max(1, dim // 64), max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
             pad_token_id=513, projection_dim=dim)).save_pretrained(os.path.join(out_dir, "text_encoder"))
     levels = len(args.vae_channels)

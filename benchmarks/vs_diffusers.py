@@ -81,7 +81,10 @@ def main():
     marginal = {row: (t[n2] - t[n1]) / (n2 - n1) for row, t in times.items()}
     reference = marginal["diffusers train_lcm_distill_sd_wds.py"]
     print(f"batch {args.train_batch_size} at {args.resolution} px, fp32, CPU ({os.cpu_count()} cores); marginal time "
-          f"per step between {n1} and {n2} steps, fastest of {args.repeats}")
+          f"per step between {n1} and {n2} steps, fastest of {args.repeats}; teacher: --unet_channels "
+          f"{','.join(map(str, args.unet_channels))} --layers_per_block {args.layers_per_block} --cross_attention_dim "
+          f"{args.cross_attention_dim} --text_layers {args.text_layers} --vae_channels "
+          f"{','.join(map(str, args.vae_channels))} (its cost shares: benchmarks/cost_shares.py --tiny_flags ...)")
     print("| row | s/step | samples/s | vs diffusers |")
     print("| --- | ---: | ---: | ---: |")
     for row, seconds in marginal.items():
