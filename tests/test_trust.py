@@ -157,6 +157,10 @@ def test_the_data_line_separates_filtered_from_broken_and_repaired():
     assert line == ("data: 8 broken (bad_image 6, truncated_shard 2), 218 filtered (--min_original_size 218), "
                     "2 repaired (caption_reencoded 2); 226 of 230 samples read were dropped (98.3%)")
     assert abs(share - 226 / 230) < 1e-12 and filters == ["--min_original_size"]
+    from lcm_utils.data import tracker_name
+
+    assert tracker_name("caption_reencoded") == "data/repaired_caption_reencoded"  # kept: not under skipped
+    assert tracker_name("bad_image") == "data/skipped_bad_image"
 
 
 def test_a_dry_run_that_fails_prints_only_its_error(assets, tmp_path, capsys):

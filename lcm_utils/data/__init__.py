@@ -13,9 +13,10 @@ from .shards import SHARD_DAMAGED, expand_shard_urls, read_shard
 from .sources import SOURCES, build_source, check_data_spec, data_location, given_sources
 from .sources.latents import latents_from_posterior
 from .spec import DataSpec, readers_per_rank
-from .stream import TrainStream, data_report, format_counts
+from .stream import TrainStream, data_report, format_counts, tracker_name
 
 __all__ = ["DataError", "ReaderError", "INTERPOLATIONS", "SKIP_REASONS", "SampleRules", "SkipSample", "Transform",
            "decode_image", "sample_rng", "SHARD_DAMAGED", "expand_shard_urls", "read_shard", "SOURCES",
            "build_source", "check_data_spec", "data_location", "given_sources", "latents_from_posterior",
-           "DataSpec", "readers_per_rank", "TrainStream", "data_report", "format_counts"]
+           "DataSpec", "readers_per_rank", "TrainStream", "data_report", "format_counts",
+           "tracker_name"]

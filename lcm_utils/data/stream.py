@@ -27,6 +27,11 @@ def format_counts(counts: Counter) -> str:
     return ", ".join(f"{reason}: {counts[reason]}" for reason in sorted(counts)) or "none"
 
 
+def tracker_name(reason: str) -> str:
+    """The tracker key of a count: data/skipped_<reason> for a dropped sample, data/repaired_<reason> for a kept one."""
+    return f"data/{'repaired' if reason == REENCODED else 'skipped'}_{reason}"
+
+
 def data_report(counts: dict, used: int):
     """(one line, share dropped, filter flags that dropped some) on what the data lost: broken samples (bad data),
     filtered ones (a rule the user set) and repaired ones (kept), each by reason; the share is of the samples read

@@ -13,7 +13,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import save_resolved_config
 from ..console import ProgressDisplay, quiet_libraries
-from ..data import DataSpec, TrainStream, data_report, latents_from_posterior
+from ..data import DataSpec, TrainStream, data_report, latents_from_posterior, tracker_name
 from ..engines import check_engine_support, configure_deepspeed, uses_deepspeed, uses_fsdp
 from ..errors import TrainingError
 from ..families import encode_images, teacher_family
@@ -200,7 +200,7 @@ def look(run, state, health, progress, window):
     logs = {"train/loss": loss, "train/lr": state.lr_scheduler.get_last_lr()[0],
             "train/samples_per_s": window.samples_per_s(step), "train/nonfinite_skipped": skipped}
     counts = gather_skip_counts(acc, state.stream)  # a few small dicts, once per look
-    logs.update({f"data/skipped_{reason}": n for reason, n in counts.items()})
+    logs.update({tracker_name(reason): n for reason, n in counts.items()})
     if counts != (state.data_said or {}) and step != state.max_train_steps:  # the end says it anyway
         say_data(run, state, progress, counts)
     state.data_said = counts
