@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .families import family_at
+from .tensors import from_latent_space
 from .objectives import make_objective
 
 
@@ -106,12 +107,17 @@ def ddim(pipe, spacing):
     return DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
 
 
+def vae_input(vae, latents):
+    """The denoiser's latents as `vae` decodes them (its scale and, where it has one, shift undone)."""
+    return from_latent_space(latents, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+
+
 @torch.no_grad()
 def decode(pipe, latents, chunk=256):
     """Scaled latents [N, C, h, w] -> list of N PIL images."""
     images = []
     for z in latents.split(chunk):
-        x = pipe.vae.decode(z.to(pipe.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        x = pipe.vae.decode(vae_input(pipe.vae, z.to(pipe.device, pipe.vae.dtype))).sample
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images.extend(Image.fromarray(a) for a in x)
     return images
@@ -120,7 +126,7 @@ def decode(pipe, latents, chunk=256):
 @torch.no_grad()
 def decode_to_array(pipe, latents):
     """Scaled latents [N, C, h, w] -> images [N, H, W, 3] float in [0, 1], decoded in the VAE's own dtype."""
-    x = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    x = pipe.vae.decode(vae_input(pipe.vae, latents.to(pipe.vae.device, pipe.vae.dtype))).sample
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -102,7 +102,7 @@ def encoder_fingerprints(args, family_cls):
     texts = [PretrainedConfig.get_config_dict(args.pretrained_teacher_model, subfolder=folder, **src)[0]
              for folder in folders]
     return {"vae_config": config_fingerprint(vae), "text_encoder_configs": [config_fingerprint(t) for t in texts],
-            "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+            "scaling_factor": float(vae.get("scaling_factor", 0.18215)), "shift_factor": vae.get("shift_factor"),
             "vae_weights": weights_fingerprint(vae_path, vae_sub, **vae_src),
             "text_encoder_weights": [weights_fingerprint(args.pretrained_teacher_model, folder, **src)
                                      for folder in folders]}

@@ -19,6 +19,17 @@ def to_device(tensor, device):
     return tensor.to(device, non_blocking=True)
 
 
+def to_latent_space(z, scaling_factor, shift_factor=None):
+    """A VAE's raw latents -> the denoiser's: (z - shift) * scale. SD and SDXL VAEs have no shift (None); SD3's
+    has one (its config's shift_factor)."""
+    return (z - (shift_factor or 0.0)) * scaling_factor
+
+
+def from_latent_space(z, scaling_factor, shift_factor=None):
+    """Inverse of to_latent_space: the denoiser's latents -> what the VAE decodes."""
+    return z / scaling_factor + (shift_factor or 0.0)
+
+
 def in_dtype(dtype, z, cond, fp32_keys=()):
     """(z, cond) with every floating tensor in `dtype`, the dtype of the denoiser they go into, except the condition
     keys the family keeps in fp32 (`fp32_keys`). Under autocast this changes no value; under DeepSpeed, where

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..objectives import SolverSchedule
-from ..tensors import to_device
+from ..tensors import to_device, to_latent_space
 from .registry import pretrained_source, teacher_family
 
 
@@ -117,4 +117,5 @@ def encode_images(teacher, pixel_values, chunk_size, generator=None):
     for chunk in pixel_values.split(chunk_size):
         dist = vae.encode(to_device(chunk, vae.device).to(vae.dtype)).latent_dist
         latents.append(dist.sample(generator=generator))
-    return torch.cat(latents).float() * vae.config.scaling_factor
+    return to_latent_space(torch.cat(latents).float(), vae.config.scaling_factor,
+                           getattr(vae.config, "shift_factor", None))

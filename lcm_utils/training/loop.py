@@ -211,7 +211,8 @@ def look(run, state, health, progress, window):
 def clean_latents(teacher, batch, chunk_size, generator, precomputed=None):
     """z0 [B, C, h, w] of a batch: drawn from the stored posterior of precomputed shards, else VAE-encoded."""
     if "latent_mean" in batch:
-        return latents_from_posterior(batch, precomputed["scaling_factor"], chunk_size, generator, generator.device)
+        return latents_from_posterior(batch, precomputed["scaling_factor"], chunk_size, generator, generator.device,
+                                      precomputed.get("shift_factor"))
     return encode_images(teacher, batch["pixel_values"], chunk_size, generator)
 
 

@@ -19,6 +19,7 @@ import tarfile
 import torch
 
 from ...errors import ConfigError
+from ...tensors import to_latent_space
 from ...tensors import to_device
 from ..samples import SkipSample, checked_caption, json_record, text_caption
 from ..shards import HEADER_KEY, read_shard
@@ -117,13 +118,13 @@ class LatentShardSource(ShardSource):
                 "caption": caption, "original_size": size, "crop_top_left": crop}
 
 
-def latents_from_posterior(batch, scaling_factor, chunk_size, generator, device):
-    """z0 [B, C, h, w] = scaling_factor * (mean + std * eps) from a precomputed batch: the draw that encoding on the
+def latents_from_posterior(batch, scaling_factor, chunk_size, generator, device, shift_factor=None):
+    """z0 [B, C, h, w] = (mean + std * eps - shift) * scale from a precomputed batch: the draw that encoding on the
     fly makes (DiagonalGaussianDistribution.sample, chunk by chunk from the same generator)."""
     mean, std = to_device(batch["latent_mean"], device), to_device(batch["latent_std"], device)
     noise = torch.cat([torch.randn(chunk.shape, generator=generator, device=generator.device, dtype=torch.float32)
                        for chunk in mean.split(chunk_size)]).to(device)
-    return (mean + std * noise) * scaling_factor
+    return to_latent_space(mean + std * noise, scaling_factor, shift_factor)
 
 
 def shard_pattern(names):
