@@ -47,9 +47,8 @@ def quiet_libraries():
     import warnings
 
     from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from .families import family_at
-from .tensors import from_latent_space
 from .objectives import make_objective
+from .tensors import from_latent_space
 
 
 def load_teacher_pipeline(teacher, device):

@@ -27,8 +27,8 @@ from .console import ProgressDisplay, quiet_libraries
 from .data import DataSpec, Transform, check_data_spec, data_location, format_counts, given_sources
 from .data.sources.latents import FORMAT, KEPT_METADATA, shard_pattern, write_header, write_sample
 from .errors import ConfigError, DataError, report
-from .fingerprints import config_fingerprint, weights_differ, weights_fingerprint
 from .families import load_encoders, pretrained_source, teacher_family, vae_scale_factor
+from .fingerprints import config_fingerprint, weights_differ, weights_fingerprint
 from .tensors import DTYPES, precision_dtype
 
 SETTINGS_FILE = "precompute.json"  # the settings the output folder's shards were written with

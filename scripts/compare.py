@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcm_utils import evaluation as ev  # noqa: E402
 from lcm_utils import shapes  # noqa: E402
+from lcm_utils.console import quiet_libraries  # noqa: E402
 
 STUDENT_STEPS = (1, 2, 4)
 
@@ -40,6 +41,7 @@ def main():
     p.add_argument("--scores", default=None, help="Also write the columns' scores here as JSON.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    quiet_libraries()  # the grid's scores are the output; loading bars and library notes would bury them
     if not 1 <= args.num_prompts <= args.score_prompts:
         p.error(f"--num_prompts must be in 1..--score_prompts ({args.score_prompts}), got {args.num_prompts}")
 

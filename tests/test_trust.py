@@ -8,6 +8,7 @@ import pytest
 
 from conftest import base_args, copy_with_altered_weights
 from lcm_utils import checkpoint as ckpt
+from test_cli import with_flags
 from test_interrupts import run_in_process
 
 
@@ -39,9 +40,8 @@ def trained(assets, tmp_path_factory):
 
 
 def resume_argv(argv, teacher, *extra):
-    i = argv.index("--pretrained_teacher_model")
-    return argv[:i + 1] + [teacher] + argv[i + 2:] + ["--max_train_steps", "2", "--resume_from_checkpoint",
-                                                      "latest", *extra]
+    return with_flags(argv, pretrained_teacher_model=teacher, max_train_steps=2,
+                      resume_from_checkpoint="latest") + list(extra)
 
 
 def test_a_checkpoint_records_its_teacher(trained, assets):

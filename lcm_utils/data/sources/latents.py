@@ -19,8 +19,7 @@ import tarfile
 import torch
 
 from ...errors import ConfigError
-from ...tensors import to_latent_space
-from ...tensors import to_device
+from ...tensors import to_device, to_latent_space
 from ..samples import SkipSample, checked_caption, json_record, text_caption
 from ..shards import HEADER_KEY, read_shard
 from .webdataset import ShardSource
