@@ -54,19 +54,21 @@ class FullDistillation(DistillationMethod):
         return [self.student, self.target, self.teacher_denoiser]
 
     def _w_embedding(self, w, dtype):
+        if self.guidance_embedding_dim is None:  # a denoiser with no guidance input (SD3): w is distilled in
+            return None
         return guidance_embedding(w, self.guidance_embedding_dim).to(dtype)
 
     def student_forward(self, z, t, cond, w):
         z, cond = self.inputs(self.student.dtype, z, cond)
-        return self.student_model(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
+        return self.family.denoise(self.student_model, z, t, cond, self._w_embedding(w, z.dtype))
 
     def teacher_forward(self, z, t, cond):
         z, cond = self.inputs(self.teacher_denoiser.dtype, z, cond)
-        return self.teacher_denoiser(z, t, **cond).sample
+        return self.family.denoise(self.teacher_denoiser, z, t, cond)
 
     def target_forward(self, z, t, cond, w):
         z, cond = self.inputs(self.target.dtype, z, cond)
-        return self.target(z, t, timestep_cond=self._w_embedding(w, z.dtype), **cond).sample
+        return self.family.denoise(self.target, z, t, cond, self._w_embedding(w, z.dtype))
 
     def update_target(self, gate=None):
         ema_update_modules(self.target, self.student, self.ema_decay, gate)
@@ -92,9 +94,9 @@ class FullDistillation(DistillationMethod):
 
     def export(self, output_dir, weights):
         self.save_state(output_dir, weights)
-        pipeline, guidance = self.family.pipeline_class_name, self.args.w_min + 1
+        pipeline, guidance = self.family.pipeline_class_name, self.default_validation_guidance(self.args)
         model, folder = self.family.denoiser_class_name, self.family.denoiser_folder
-        scheduler, extra, steps = sampler_usage(self.objective)
+        scheduler, extra, steps = sampler_usage(self.objective, self.family)
         also = ("\n\n`LatentConsistencyModelPipeline` loads it the same way." if pipeline == "StableDiffusionPipeline"
                 and scheduler == "LCMScheduler" else "")
         return (
@@ -103,14 +105,21 @@ class FullDistillation(DistillationMethod):
             f"from diffusers import {vae_import(self.args)}{scheduler}, {pipeline}, {model}\n"
             f'{folder} = {model}.from_pretrained("{output_dir}", subfolder="{folder}")\n'
             f'scheduler = {scheduler}.from_pretrained("{output_dir}", subfolder="scheduler")\n'
-            f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args)}, {folder}={folder}, "
+            f"pipe = {pipeline}.from_pretrained({pretrained_parts(self.args, self.family)}, {folder}={folder}, "
             f"scheduler=scheduler)\n"
             f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale={guidance:g}{extra})'
             '.images[0]\n'
-            f"```{also}\n\nThe student takes the guidance w as an input (no CFG pass at sampling); diffusers' "
-            f"pipelines feed it as `guidance_scale = w + 1`, so guidance_scale {self.args.w_min + 1:g} to "
-            f"{self.args.w_max + 1:g} is the trained range."
+            f"```{also}\n\n{self._guidance_note()}"
         )
+
+    def _guidance_note(self):
+        if self.guidance_embedding_dim is None:
+            return (f"The student has no guidance input: the teacher's CFG at w in [{self.args.w_min:g}, "
+                    f"{self.args.w_max:g}] (guidance_scale w + 1) is distilled into it. Sample with guidance_scale "
+                    f"1.0 (no CFG pass); values above 1 add real CFG on top, at twice the cost per step.")
+        return (f"The student takes the guidance w as an input (no CFG pass at sampling); diffusers' pipelines feed "
+                f"it as `guidance_scale = w + 1`, so guidance_scale {self.args.w_min + 1:g} to "
+                f"{self.args.w_max + 1:g} is the trained range.")
 
     def validation_pipeline(self, folder, teacher, args, device, weights):
         write_model_folder(self.student, folder, weights[self.family.denoiser_folder])
@@ -118,14 +127,20 @@ class FullDistillation(DistillationMethod):
         return stock_pipeline(teacher, student, self.objective, args)
 
     def default_validation_guidance(self, args):
+        if self.guidance_embedding_dim is None:
+            return 1.0  # no w input: the guidance is distilled in, a CFG pass would add more
         return args.w_min + 1  # the pipeline embeds guidance_scale - 1 = w_min, a value seen in training
 
     def reference_guidance(self, args):
-        """The teacher at the grid's guidance: the student embeds w = guidance - 1, the teacher's CFG uses that w."""
+        """The teacher at the grid's guidance: the student embeds w = guidance - 1, the teacher's CFG uses that w
+        (a student without a w input at the middle of the trained range)."""
+        if self.guidance_embedding_dim is None:
+            return (args.w_min + args.w_max) / 2 + 1
         g = args.validation_guidance_scale
         return self.default_validation_guidance(args) if g is None else g
 
-    validation_guidance_text = "w_min + 1, so the student's w-embedding gets w_min"
+    validation_guidance_text = ("w_min + 1, so the student's w-embedding gets w_min; 1.0 for a student without one "
+                                "(SD3)")
 
 
 if __name__ == "__main__":

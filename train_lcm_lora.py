@@ -87,24 +87,25 @@ class LoraDistillation(DistillationMethod):
 
     def student_forward(self, z, t, cond, w):
         z, cond = self.inputs(self.student.dtype, z, cond)  # the base's dtype; peft casts to the adapters' itself
-        return self.student_model(z, t, **cond).sample
+        return self.family.denoise(self.student_model, z, t, cond)
 
     def teacher_forward(self, z, t, cond):
         # On the unwrapped UNet (not through DDP): a no-grad pass that must not take part in gradient sync.
         z, cond = self.inputs(self.student.dtype, z, cond)
         self.student.disable_adapters()
         try:
-            return self.student(z, t, **cond).sample
+            return self.family.denoise(self.student, z, t, cond)
         finally:
             self.student.enable_adapters()
 
     def target_forward(self, z, t, cond, w):
         z, cond = self.inputs(self.student.dtype, z, cond)
         if self.ema is None:
-            return self.student(z, t, **cond).sample
+            return self.family.denoise(self.student, z, t, cond)
         # The EMA adapters stand in for the online ones for this call only; the online tensors stay
         # untouched, so the student's autograd graph is intact.
-        return torch.func.functional_call(self.student, self.ema, (z, t), dict(cond)).sample
+        return self.family.denoise(lambda *a, **k: torch.func.functional_call(self.student, self.ema, a, k), z, t,
+                                   cond)
 
     def update_target(self, gate=None):
         if self.ema is not None:
@@ -156,7 +157,7 @@ class LoraDistillation(DistillationMethod):
 
     def export(self, output_dir, weights):
         self.save_lora(output_dir, weights["lora"])
-        usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.objective)
+        usage_ema, (scheduler, extra, steps) = "", sampler_usage(self.objective, self.family)
         if self.ema is not None:
             self.save_lora(os.path.join(output_dir, "ema"), weights["lora_ema"])
             usage_ema = " `ema/` holds the EMA of the adapters, loadable the same way."
@@ -164,10 +165,10 @@ class LoraDistillation(DistillationMethod):
             f"Use `{self.family.lora_weights_file}` (the online adapters).{usage_ema} On the base model or any fine-tune of it:\n\n"
             "```python\n"
             f"from diffusers import {vae_import(self.args)}{scheduler}, {self.family.pipeline_class_name}\n"
-            f"pipe = {self.family.pipeline_class_name}.from_pretrained({pretrained_parts(self.args)})\n"
+            f"pipe = {self.family.pipeline_class_name}.from_pretrained({pretrained_parts(self.args, self.family)})\n"
             f'pipe.scheduler = {scheduler}.from_pretrained("{output_dir}", subfolder="scheduler")\n'
             f'pipe.load_lora_weights("{output_dir}")\n'
-            "pipe.fuse_lora()  # optional: merge the adapters into the UNet\n"
+            f"pipe.fuse_lora()  # optional: merge the adapters into the {self.family.denoiser_folder}\n"
             f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0{extra}).images[0]\n'
             "```\n\nThe LoRA has no w-embedding: guidance_scale 1.0 (no CFG) is the usual choice; values in "
             "1-2 add real CFG at twice the cost per step."

@@ -9,9 +9,13 @@ References (cited in the docstrings):
         consistency function; the target point s drawn below the solver's end).
   PCM   Wang et al. 2024, "Phased Consistency Models", arXiv 2405.18407 (consistency within phases, to the
         phase edge).
+  RF    Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3),
+        arXiv 2403.03206 (eq. 1 and §2: z_t = (1 - t) x0 + t eps, v = eps - x0; §5.3.2: timestep shifting).
 
 Conventions: T = num_train_timesteps, N = num_ddim_timesteps, k = T // N, acp = alphas_cumprod [T],
 alpha_t = sqrt(acp[t]), sigma_t = sqrt(1 - acp[t]), so z_t = alpha_t * x0 + sigma_t * eps.
+Flow matching (SD3) writes the same z_t = alpha x0 + sigma eps with alpha = 1 - sigma, and t = sigma * T is the
+time its denoiser takes (a float); the solver grid is every k-th point of the teacher's shifted sigma table.
 B is the batch size; "[B, ...]" means any trailing latent shape, e.g. [B, 4, 64, 64].
 """
 
@@ -25,6 +29,8 @@ __all__ = [
     "boundary_scalings", "PREDICTION_TYPES", "predicted_x0", "predicted_eps", "guidance_embedding",
     "cfg_combine", "ddim_step", "consistency_output", "trajectory_consistency", "sample_trajectory_points",
     "phase_edges", "phase_edge", "l2_loss", "pseudo_huber_loss", "LOSSES", "ema_update",
+    "flow_shift", "flow_alpha_sigma", "flow_point", "sample_grid_intervals", "flow_euler_terminal",
+    "flow_phase_edges",
 ]
 
 
@@ -132,6 +138,12 @@ PREDICTION_TYPES: dict[str, Parameterization] = {
     "v_prediction": Parameterization(
         x0=lambda out, z, alpha, sigma: alpha * z - sigma * out,
         eps=lambda out, z, alpha, sigma: alpha * out + sigma * z,
+    ),
+    # flow (SD3): the output is the velocity v = eps - x0 of z = (1 - sigma) x0 + sigma eps (RF eq. 1), so
+    # x0 = z - sigma v and eps = z + (1 - sigma) v; exact only on a flow schedule, where alpha = 1 - sigma.
+    "flow": Parameterization(
+        x0=lambda out, z, alpha, sigma: z - sigma * out,
+        eps=lambda out, z, alpha, sigma: z + alpha * out,
     ),
     # x0-prediction: the output is x0 itself.
     "sample": Parameterization(
@@ -278,6 +290,63 @@ def phase_edge(t: torch.LongTensor, edges: torch.LongTensor) -> torch.LongTensor
     """The edge a PCM student maps t to: the largest phase edge below t (t on the grid, so t > 0): [B] -> [B]."""
     index = torch.searchsorted(edges.to(t.device), t, right=False) - 1
     return edges.to(t.device)[index.clamp(min=0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching (SD3): the same interval, point and phase functions on a sigma schedule
+# ---------------------------------------------------------------------------------------------
+
+def flow_shift(u: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """sigma = shift u / (1 + (shift - 1) u): the timestep shift of RF §5.3.2 (shift 3 for SD3), u in [0, 1]."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_alpha_sigma(t: torch.Tensor, num_train_timesteps: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = 1 - sigma, sigma = t / T for the flow time t = sigma * T the denoiser takes (RF eq. 1): [B] ->
+    [B, 1, ..., 1] each, float32, with `ndim` dims in all."""
+    sigma = t.float() / num_train_timesteps
+    return append_dims(1.0 - sigma, ndim), append_dims(sigma, ndim)
+
+
+def flow_point(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """z_s = (1 - sigma_s) x0 + sigma_s eps (RF eq. 1): the point at sigma_s of the straight path through (x0, eps);
+    with x0, eps from one velocity v at sigma_t it is the Euler step z_t + (sigma_s - sigma_t) v. sigma: [B, 1, ...]."""
+    return (1.0 - sigma).to(x0) * x0 + sigma.to(x0) * eps
+
+
+def sample_grid_intervals(
+    grid: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n ~ U{0..N-1} per sample (LCM Algorithm 1): start grid[n], end grid[n-1] (0, the data, below grid[0]).
+    The flow form of sample_timestep_pairs, whose grid is not evenly spaced in t: [N] -> ([B], [B])."""
+    device = generator.device if generator is not None else grid.device
+    index = torch.randint(0, len(grid), (batch_size,), generator=generator, device=device).to(grid.device)
+    below = grid[(index - 1).clamp(min=0)]
+    return grid[index], torch.where(index > 0, below, torch.zeros_like(below))
+
+
+def flow_euler_terminal(num_phases: int, shift: float) -> float | None:
+    """The last sigma before 0 that a PCM student's M-step Euler sampler visits: flow_shift(1 / M), so the phases
+    split the unshifted time evenly at the bottom as PCM's DDIM edges split the grid (None for one phase)."""
+    return None if num_phases < 2 else float(flow_shift(1.0 / num_phases, shift))
+
+
+def flow_phase_edges(num_phases: int, shift: float, num_train_timesteps: int, sigma_max: float,
+                     sigma_min: float) -> torch.Tensor:
+    """PCM's phase edges on a flow schedule, times sigma * T [M] ascending, 0 first: the points diffusers'
+    FlowMatchEulerDiscreteScheduler(shift, shift_terminal=flow_euler_terminal(M)) visits with M inference steps, less
+    the first, computed as its set_timesteps does (float64, then float32). sigma_max, sigma_min: its table's ends."""
+    import numpy as np  # np.linspace, as set_timesteps uses: torch's rounds differently in the last bit
+
+    T = num_train_timesteps
+    u = torch.from_numpy(np.linspace(sigma_max * T, sigma_min * T, num_phases) / T)
+    sigmas = flow_shift(u, shift)  # set_timesteps shifts again what its table already shifted (diffusers' way)
+    terminal = flow_euler_terminal(num_phases, shift)
+    if terminal is not None:  # stretched so that the last point before 0 is the terminal
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+    visited = sigmas.float() * T
+    return torch.cat([visited[1:], torch.zeros(1)]).flip(0)
 
 
 def l2_loss(pred: torch.Tensor, target: torch.Tensor, huber_c: float | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .families import family_at
+from .families.registry import DENOISER_FOLDERS
 from .objectives import make_objective
 from .tensors import from_latent_space
 
@@ -40,12 +41,13 @@ def training_config(model_dir):
     return (yaml.safe_load(open(path)) or {}) if os.path.isfile(path) else {}
 
 
-def output_sampling_kwargs(model_dir):
-    """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM)."""
+def output_sampling_kwargs(model_dir, kind="diffusion"):
+    """sampling_kwargs of a training output, from its training_config.yaml ({} without one: LCM); `kind`: its
+    family's schedule_kind."""
     trained = training_config(model_dir)
     objective = make_objective(trained.get("objective", "lcm"), trained.get("num_phases", 4),
                                trained.get("tcd_gamma", 0.3))
-    return objective.sampling_kwargs()
+    return objective.sampling_kwargs(kind)
 
 
 def load_student_pipeline(teacher, model_dir, kind, device):
@@ -61,22 +63,37 @@ def load_student_pipeline(teacher, model_dir, kind, device):
 
 
 def load_untrained_student_pipeline(teacher_pipe):
-    """The student at step 0 (teacher weights plus a zero-initialised w-embedding) with the default LCMScheduler,
-    sharing the teacher pipeline's other parts: what distillation starts from."""
-    from diffusers import LCMScheduler
+    """The student at step 0 (teacher weights plus a zero-initialised w-embedding, where it takes one) with LCM's
+    default scheduler, sharing the teacher pipeline's other parts: what distillation starts from."""
+    import diffusers
 
     family = family_at(teacher_pipe.name_or_path)
     folder = family.denoiser_folder
     parts = {k: v for k, v in teacher_pipe.components.items() if k not in (folder, "scheduler")}
+    scheduler_cls = getattr(diffusers, make_objective("lcm").scheduler_class(family.schedule_kind))
     pipe = type(teacher_pipe)(**parts, **{folder: family.build_student(teacher_pipe.components[folder], 256)},
-                              scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config))
+                              scheduler=scheduler_cls.from_config(teacher_pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(teacher_pipe.device)
 
 
+def scheduler_at(scheduler, steps):
+    """`scheduler`, or for one step a copy without shift_terminal: diffusers' flow-matching schedulers divide by zero
+    when they stretch a one-point grid to it (and the stretch would move nothing: one step starts at sigma 1)."""
+    if steps == 1 and scheduler.config.get("shift_terminal"):
+        return type(scheduler).from_config(scheduler.config, shift_terminal=None)
+    return scheduler
+
+
+def pipeline_denoiser(pipe):
+    """The pipeline's denoiser (its UNet or transformer)."""
+    return next(pipe.components[name] for name in DENOISER_FOLDERS if pipe.components.get(name) is not None)
+
+
 def initial_noise(num, pipe, seed):
     """[num, C, h, w] standard normal latents for the pipeline's default resolution, from `seed` (CPU RNG)."""
-    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    config = pipeline_denoiser(pipe).config
+    c, h = config.in_channels, config.sample_size
     return torch.randn(num, c, h, h, generator=torch.Generator().manual_seed(seed))
 
 
@@ -91,12 +108,16 @@ def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=12
     out = []
     device = pipe.device
     size = noise.shape[-1] * pipe.vae_scale_factor
-    for start in range(0, len(prompts), chunk):
-        z = noise[start:start + chunk].to(device) * pipe.scheduler.init_noise_sigma
-        g = torch.Generator(device).manual_seed(seed + start)
-        res = pipe(list(prompts[start:start + chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                   latents=z, height=size, width=size, output_type="latent", generator=g, **(call_kwargs or {}))
-        out.append(res.images.float().cpu())
+    given, pipe.scheduler = pipe.scheduler, scheduler_at(pipe.scheduler, steps)
+    try:
+        for start in range(0, len(prompts), chunk):
+            z = noise[start:start + chunk].to(device) * pipe.scheduler.init_noise_sigma
+            g = torch.Generator(device).manual_seed(seed + start)
+            res = pipe(list(prompts[start:start + chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                       latents=z, height=size, width=size, output_type="latent", generator=g, **(call_kwargs or {}))
+            out.append(res.images.float().cpu())
+    finally:
+        pipe.scheduler = given
     return torch.cat(out)
 
 

@@ -25,26 +25,52 @@ from .consistency import (
     consistency_output,
     ddim_step,
     ddim_timesteps,
+    flow_alpha_sigma,
+    flow_euler_terminal,
+    flow_phase_edges,
+    flow_point,
     phase_edge,
     phase_edges,
     predicted_eps,
     predicted_x0,
+    sample_grid_intervals,
     sample_timestep_pairs,
     sample_trajectory_points,
     skip_size,
-    trajectory_consistency,
 )
 
 
+class Schedule:
+    """What the objectives read of a teacher's schedule: z_t = alpha_t x0 + sigma_t eps at the times t its
+    denoiser takes, the solver grid, and the points its samplers visit. A subclass gives alpha_sigma, intervals,
+    point and phase_edges; the consistency functions below are the same on every schedule."""
+
+    def f_theta(self, raw_output, z, t):
+        """Consistency function c_skip(t) z + c_out(t) x0(raw_output) (LCM eq. 9)."""
+        alpha, sigma = self.alpha_sigma(t, z.ndim)
+        x0 = predicted_x0(raw_output.float(), z, alpha, sigma, self.prediction_type)
+        c_skip, c_out = boundary_scalings(t, self.timestep_scaling)
+        return consistency_output(z, x0, c_skip, c_out)
+
+    def trajectory(self, raw_output, z, t, s):
+        """f_theta(z_t, t, s) = alpha_s x0 + sigma_s eps with (x0, eps) from the output at t: the first-order
+        trajectory consistency function (TCD; PCM with its phase edge as s); z_t itself at s = t."""
+        alpha, sigma = self.alpha_sigma(t, z.ndim)
+        x0 = predicted_x0(raw_output, z, alpha, sigma, self.prediction_type)
+        eps = predicted_eps(raw_output, z, alpha, sigma, self.prediction_type)
+        return self.point(x0, eps, s)
+
+
 @dataclass
-class SolverSchedule:
-    """The teacher's noise schedule and the skipping-step DDIM grid, on the training device."""
+class SolverSchedule(Schedule):
+    """A DDPM teacher's noise schedule (SD, SDXL) and the skipping-step DDIM grid, on the training device."""
 
     alphas_cumprod: torch.Tensor  # [T] float32
     grid: torch.Tensor  # [N] long: t_i = (i+1)k - 1
     k: int
     prediction_type: str
     timestep_scaling: float
+    kind = "diffusion"
 
     @classmethod
     def from_scheduler(cls, noise_scheduler, num_ddim_timesteps, timestep_scaling, device):
@@ -53,12 +79,64 @@ class SolverSchedule:
                    ddim_timesteps(T, num_ddim_timesteps).to(device), skip_size(T, num_ddim_timesteps),
                    noise_scheduler.config.prediction_type, timestep_scaling)
 
-    def f_theta(self, raw_output, z, t):
-        """Consistency function c_skip(t) z + c_out(t) x0(raw_output) (LCM eq. 9)."""
-        alpha, sigma = alpha_sigma(self.alphas_cumprod, t, z.ndim)
-        x0 = predicted_x0(raw_output.float(), z, alpha, sigma, self.prediction_type)
-        c_skip, c_out = boundary_scalings(t, self.timestep_scaling)
-        return consistency_output(z, x0, c_skip, c_out)
+    def alpha_sigma(self, t, ndim):
+        return alpha_sigma(self.alphas_cumprod, t, ndim)
+
+    def intervals(self, batch_size, generator):
+        """(start, end) [B] each: one skipping-step interval of the grid per sample."""
+        return sample_timestep_pairs(self.grid, self.k, batch_size, generator)
+
+    def point(self, x0, eps, t):
+        """z_t = alpha_t x0 + sigma_t eps: the DDIM step (eta 0) to t."""
+        return ddim_step(x0, eps, self.alphas_cumprod, t)
+
+    def phase_edges(self, num_phases):
+        return phase_edges(self.grid.cpu(), num_phases)
+
+
+@dataclass
+class FlowSchedule(Schedule):
+    """A flow-matching teacher's schedule (SD3): z_t = (1 - sigma) x0 + sigma eps at the time t = sigma * T its
+    denoiser takes; the grid is every k-th point of its shifted sigma table, so --num_ddim_timesteps counts points
+    of that table as it does on a DDPM schedule, and each solver step is an Euler step with the guided velocity."""
+
+    grid: torch.Tensor  # [N] float32 times sigma * T, ascending: the table's points (i+1)k - 1
+    k: int
+    num_train_timesteps: int
+    shift: float
+    sigma_max: float  # the table's ends, which the stock Euler sampler's grids start from
+    sigma_min: float
+    timestep_scaling: float
+    prediction_type: str = "flow"
+    kind = "flow"
+
+    @classmethod
+    def from_scheduler(cls, noise_scheduler, num_ddim_timesteps, timestep_scaling, device):
+        config = noise_scheduler.config
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("a flow-matching teacher with use_dynamic_shifting (a resolution-dependent shift) is not "
+                             "supported; its scheduler_config.json must give a fixed shift")
+        T = config.num_train_timesteps
+        fresh = type(noise_scheduler).from_config(config)  # its table as built, whatever was set on the teacher's
+        table = fresh.timesteps.flip(0)  # [T] ascending, the times its pipeline feeds the denoiser
+        return cls(table[ddim_timesteps(T, num_ddim_timesteps)].to(device, torch.float32),
+                   skip_size(T, num_ddim_timesteps), T, float(config.shift), fresh.sigma_max, fresh.sigma_min,
+                   timestep_scaling)
+
+    def alpha_sigma(self, t, ndim):
+        return flow_alpha_sigma(t, self.num_train_timesteps, ndim)
+
+    def intervals(self, batch_size, generator):
+        return sample_grid_intervals(self.grid, batch_size, generator)
+
+    def point(self, x0, eps, t):
+        return flow_point(x0, eps, self.alpha_sigma(t, x0.ndim)[1])
+
+    def phase_edges(self, num_phases):
+        return flow_phase_edges(num_phases, self.shift, self.num_train_timesteps, self.sigma_max, self.sigma_min)
+
+
+SCHEDULES = {"diffusion": SolverSchedule, "flow": FlowSchedule}
 
 
 class LCM:
@@ -77,18 +155,29 @@ class LCM:
     def consistency(self, schedule, raw_output, z, t, s):
         return schedule.f_theta(raw_output, z, t)
 
-    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps):
-        """The exported scheduler's settings on top of the teacher's schedule: this run's LCM scalings and grid."""
+    flow_scheduler_class_name = "FlowMatchLCMScheduler"  # on a flow schedule: x0 = z - sigma v, then renoise
+
+    def scheduler_class(self, kind="diffusion"):
+        """The class name of the scheduler the student samples with, on a `kind` ("diffusion", "flow") schedule."""
+        return self.flow_scheduler_class_name if kind == "flow" else self.scheduler_class_name
+
+    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps, kind="diffusion", shift=None):
+        """The exported scheduler's settings on top of the teacher's schedule: this run's LCM scalings and grid
+        (FlowMatchLCMScheduler has neither: c_skip/c_out are ~0/1 at every point it visits)."""
+        if kind == "flow":
+            return {}
         return {"timestep_scaling": timestep_scaling, "original_inference_steps": num_ddim_timesteps}
 
-    def sampling_kwargs(self):
+    def sampling_kwargs(self, kind="diffusion"):
         """Pipeline call arguments of the exported scheduler (LCMScheduler takes none)."""
         return {}
 
     def tags(self):
         return []
 
-    def sampling_note(self):
+    def sampling_note(self, kind="diffusion"):
+        if kind == "flow":
+            return "Sample with 1-8 steps and the `FlowMatchLCMScheduler` saved in `scheduler/`."
         return ("Sample with 1-8 steps and the `LCMScheduler` saved in `scheduler/` (its `timestep_scaling` and "
                 "`original_inference_steps` match this training run).")
 
@@ -109,18 +198,26 @@ class TCD(LCM):
         return sample_trajectory_points(schedule.grid, end, generator)
 
     def consistency(self, schedule, raw_output, z, t, s):
-        return trajectory_consistency(raw_output.float(), z, t, s, schedule.alphas_cumprod, schedule.prediction_type)
+        return schedule.trajectory(raw_output.float(), z, t, s)
 
-    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps):
+    # No stock flow scheduler takes TCD's gamma: Euler is its gamma 0 (FlowMatchLCMScheduler its gamma 1).
+    flow_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+
+    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps, kind="diffusion", shift=None):
+        if kind == "flow":
+            return {}
         return {"original_inference_steps": num_ddim_timesteps}
 
-    def sampling_kwargs(self):
-        return {"eta": self.gamma}
+    def sampling_kwargs(self, kind="diffusion"):
+        return {} if kind == "flow" else {"eta": self.gamma}
 
     def tags(self):
         return [self.name]
 
-    def sampling_note(self):
+    def sampling_note(self, kind="diffusion"):
+        if kind == "flow":
+            return (f"Sample with 2-8 steps and the `FlowMatchEulerDiscreteScheduler` saved in `scheduler/`: TCD's "
+                    f"gamma 0 (no stock flow-matching scheduler takes gamma; training drew with {self.gamma:g}).")
         return (f"Sample with 2-8 steps and the `TCDScheduler` saved in `scheduler/`, passing its gamma as `eta` "
                 f"({self.gamma:g} in training's validation; 0 is deterministic, higher adds detail-refreshing "
                 f"noise at each step).")
@@ -140,11 +237,19 @@ class PCM(TCD):
         self.sampling_steps = num_phases
 
     def target_points(self, start, end, schedule, generator):
-        return phase_edge(start, phase_edges(schedule.grid.cpu(), self.num_phases))
+        return phase_edge(start, schedule.phase_edges(self.num_phases))
 
-    def sampling_note(self):
-        return (f"Sample with {self.num_phases} steps (its {self.num_phases} phases) and the `TCDScheduler` saved in "
-                f"`scheduler/` with `eta=0`: each step then maps one phase edge to the next along the teacher's ODE.")
+    def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps, kind="diffusion", shift=None):
+        if kind == "flow":  # Euler with M steps then visits exactly the edges (FlowSchedule.phase_edges)
+            terminal = flow_euler_terminal(self.num_phases, shift)
+            return {} if terminal is None else {"shift_terminal": terminal}
+        return super().scheduler_overrides(timestep_scaling, num_ddim_timesteps)
+
+    def sampling_note(self, kind="diffusion"):
+        sampler = "`FlowMatchEulerDiscreteScheduler`" if kind == "flow" else "`TCDScheduler`"
+        return (f"Sample with {self.num_phases} steps (its {self.num_phases} phases) and the {sampler} saved in "
+                f"`scheduler/`{'' if kind == 'flow' else ' with `eta=0`'}: each step then maps one phase edge to "
+                f"the next along the teacher's ODE.")
 
 
 OBJECTIVES = {"lcm": lambda num_phases, tcd_gamma: LCM(), "tcd": lambda num_phases, tcd_gamma: TCD(tcd_gamma),
@@ -168,15 +273,17 @@ def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type,
     objective: LCM (default), TCD or PCM: where on the trajectory both predictions map to."""
     objective = objective or LCM()
     # 1. Sample a DDIM interval: start s = t_{n+k} on the grid, end t = t_n = max(s - k, 0).
-    start, end = sample_timestep_pairs(schedule.grid, schedule.k, z0.shape[0], generator)
+    start, end = schedule.intervals(z0.shape[0], generator)
 
     # 2. Forward diffusion to the start: z_s = alpha_s z0 + sigma_s eps.
     noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
-    alpha_s, sigma_s = alpha_sigma(schedule.alphas_cumprod, start, z0.ndim)
+    alpha_s, sigma_s = schedule.alpha_sigma(start, z0.ndim)
     z_start = alpha_s * z0 + sigma_s * noise
 
     # 3. Online consistency prediction f_theta(z_s, w, c, s), to the objective's target point (LCM: the origin).
     point = objective.target_points(start, end, schedule, generator)
+    if point is not None:  # a phase edge between two grid points (flow PCM) stops the solver step at the edge
+        end = torch.maximum(end, point)
     pred = objective.consistency(schedule, student(z_start, start, cond, w), z_start, start, point)
 
     with torch.no_grad():
@@ -187,7 +294,7 @@ def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type,
                                  predicted_x0(out_uncond, z_start, alpha_s, sigma_s, schedule.prediction_type), w)
         eps_teacher = cfg_combine(predicted_eps(out_cond, z_start, alpha_s, sigma_s, schedule.prediction_type),
                                   predicted_eps(out_uncond, z_start, alpha_s, sigma_s, schedule.prediction_type), w)
-        z_end = ddim_step(x0_teacher, eps_teacher, schedule.alphas_cumprod, end)
+        z_end = schedule.point(x0_teacher, eps_teacher, end)
 
         # 5. Target consistency prediction f_theta-(z_t, w, c, t), to the same point.
         target_pred = objective.consistency(schedule, target(z_end, end, cond, w), z_end, end, point)

@@ -144,6 +144,56 @@ def build_tiny_sdxl_teacher(out_dir, prediction_type="epsilon", seed=0, force_ze
     return out_dir
 
 
+def tiny_t5(d_model=96, seed=0):
+    """A 1-layer T5 encoder and a T5 tokenizer over a character vocabulary (no sentencepiece file needed)."""
+    import string
+
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in string.printable[:95]] + [
+        ("\u2581", -1.0)]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=256)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_ff=64, d_kv=8, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return tokenizer, T5EncoderModel(config)
+
+
+def build_tiny_sd3_teacher(out_dir, seed=0, with_t5=True, dual_attention=False, shift=3.0):
+    """Save a randomly initialised SD3-style teacher: CLIP-L and CLIP-G stand-ins of different widths (32 and 48,
+    projecting to 32 and 24), an optional T5 (width 96), a 2-block SD3Transformer2DModel (with SD3.5 Medium's
+    dual attention and RMS qk-norm when `dual_attention`), a 16-channel VAE with a shift factor, and the
+    flow-matching Euler scheduler. No size is SD3's, so nothing may be hard-coded."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    os.makedirs(out_dir, exist_ok=True)
+    text_encoder = tiny_clip(32, 32, with_projection=True, seed=seed)
+    text_encoder_2 = tiny_clip(48, 24, with_projection=True, seed=seed + 1)
+    tokenizer_3, text_encoder_3 = tiny_t5(96, seed=seed + 2) if with_t5 else (None, None)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=32 + 24,
+        pos_embed_max_size=16, dual_attention_layers=(0,) if dual_attention else (),
+        qk_norm="rms_norm" if dual_attention else None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=text_encoder, tokenizer=char_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=char_tokenizer(), text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_char_vocab(os.path.join(out_dir, folder))
+    return out_dir
+
+
 def toy_sample(index, size=32):
     """A deterministic (image, caption) pair: a coloured shape on a light background."""
     rng = np.random.default_rng(index)

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", nargs="+", default=["a photo of a cat"])
     parser.add_argument("--steps", type=int, nargs="+", help="Step counts (columns); default: 1 2 4 8, PCM's phases.")
     parser.add_argument("--guidance_scale", type=float, nargs="+",
-                        help="guidance_scale values (columns); default: w_min + 1 for a full student, 1.0 for LoRA.")
+                        help="guidance_scale values (columns); default: w_min + 1 for a full student with a w input, "
+                             "1.0 for LoRA and SD3.")
     parser.add_argument("--resolution", type=int, help="Default: the training resolution.")
     parser.add_argument("--seed", type=int, default=0, help="Row i samples from seed + i in every column.")
     parser.add_argument("--eta", type=float, help="TCDScheduler's gamma (default: --tcd_gamma for TCD, 0 for PCM).")
@@ -53,11 +54,13 @@ def parse_args(argv=None):
 
 
 def check_model(path, flag, what, files, origin="", verbose=False):
-    """Fail, before torch loads, unless `path` is a folder with `files` or a Hub id whose `files` download."""
+    """Fail, before torch loads, unless `path` is a folder with `files` or a Hub id whose `files` download; an entry
+    of `files` may be a tuple of alternatives (unet/ or transformer/)."""
+    files = [entry if isinstance(entry, tuple) else (entry,) for entry in files]
     if os.path.isdir(path):
-        for name in files:
-            if not os.path.isfile(os.path.join(path, name)):
-                fail(f"{flag}: '{path}'{origin} has no {name}; pass a diffusers-format {what} folder")
+        for names in files:
+            if not any(os.path.isfile(os.path.join(path, name)) for name in names):
+                fail(f"{flag}: '{path}'{origin} has no {' or '.join(names)}; pass a diffusers-format {what} folder")
         return
     if path.startswith(("/", ".", "~")) or not HUB_ID.match(path) or os.path.isdir(path.split("/")[0]):
         fail(f"{flag}: folder '{path}'{origin} does not exist; pass a diffusers-format {what} folder or a Hub id")
@@ -67,8 +70,16 @@ def check_model(path, flag, what, files, origin="", verbose=False):
     if not verbose:
         logging.set_verbosity_error()  # its "Retrying in 4s" lines while there is no network
     try:
-        for name in files:  # cached for the pipeline
-            hf_hub_download(path, name)
+        for names in files:  # cached for the pipeline
+            for i, name in enumerate(names):
+                try:
+                    hf_hub_download(path, name)
+                    break
+                except LocalEntryNotFoundError:
+                    raise
+                except (OSError, ValueError):
+                    if i == len(names) - 1:
+                        raise
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if isinstance(e, LocalEntryNotFoundError):  # not cached, and no way to the Hub
@@ -108,7 +119,8 @@ def check_cheaply(args):
         fail(f"--teacher: '{args.model}' has no training_config.yaml naming its teacher; pass --teacher")
     origin = "" if args.teacher else f" (the teacher in {config_path}; --teacher overrides it)"
     # Last: a Hub id's files are fetched here, which takes a while without network.
-    check_model(teacher, "--teacher", "teacher", ("model_index.json", "unet/config.json"), origin, args.verbose)
+    denoisers = ("unet/config.json", "transformer/config.json")
+    check_model(teacher, "--teacher", "teacher", ("model_index.json", denoisers), origin, args.verbose)
     args.vae = args.vae or trained.get("pretrained_vae_model_name_or_path")
     if args.vae:
         check_model(args.vae, "--vae", "AutoencoderKL", ("config.json",), verbose=args.verbose)
@@ -161,7 +173,7 @@ def main(argv=None):
         quiet_libraries()
     import torch
 
-    from lcm_utils.evaluation import decode_to_array, labelled_grid
+    from lcm_utils.evaluation import decode_to_array, labelled_grid, scheduler_at
     from lcm_utils.objectives import make_objective
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,16 +186,19 @@ def main(argv=None):
                                trained.get("tcd_gamma", 0.3))
     # A PCM student learnt to jump from phase edge to phase edge: its phase count is the one it samples well at.
     steps = args.steps or ([objective.sampling_steps] if objective.name == "pcm" else [1, 2, 4, 8])
-    sampler = {**objective.sampling_kwargs(), **({} if args.eta is None else {"eta": args.eta})}
+    sampler = {**objective.sampling_kwargs(family.schedule_kind), **({} if args.eta is None else {"eta": args.eta})}
     if scheduler["_class_name"] == "TCDScheduler":
         sampler.setdefault("eta", 0.0)  # what the pipelines pass when not told; the labels say it
-    guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if is_full else 1.0]
+    takes_w = is_full and family.guidance_embedding_dim(pipe.components[family.denoiser_folder]) is not None
+    guidances = args.guidance_scale or [trained.get("w_min", 7.5) + 1 if takes_w else 1.0]
     denoiser_config = pipe.components[family.denoiser_folder].config
     size = args.resolution or trained.get("resolution") or denoiser_config.sample_size * pipe.vae_scale_factor
     columns = [(n, g) for g in guidances for n in steps]
+    exported = pipe.scheduler
 
     @torch.no_grad()
     def draw(prompt, seed, n, guidance):
+        pipe.scheduler = scheduler_at(exported, n)
         latents = pipe(prompt, num_inference_steps=n, guidance_scale=guidance, height=size, width=size,
                        generator=torch.Generator().manual_seed(seed), output_type="latent", **sampler).images
         return (decode_to_array(pipe, latents)[0] * 255).round().astype("uint8")

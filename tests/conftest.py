@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from lcm_utils.tiny import build_image_folder, build_tiny_sdxl_teacher, build_tiny_teacher, build_wds_shards
+from lcm_utils.tiny import (build_image_folder, build_tiny_sd3_teacher, build_tiny_sdxl_teacher, build_tiny_teacher,
+                            build_wds_shards)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 16  # tiny VAE factor 2 -> 8x8 latents, the tiny UNet's sample_size
@@ -34,6 +35,19 @@ def sdxl_assets(tmp_path_factory):
                                                        force_zeros_for_empty_prompt=False),
         "shards_json": build_wds_shards(str(base / "shards_json"), num_shards=2, per_shard=6, size=RESOLUTION + 8,
                                         with_json=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def sd3_assets(tmp_path_factory):
+    """Tiny SD3 teachers: with T5 (SD3 Medium's layout), and without T5 with dual attention (SD3.5 Medium's
+    blocks, loaded as users load a T5-less folder); toy images and shards."""
+    base = tmp_path_factory.mktemp("sd3_assets")
+    return {
+        "sd3": build_tiny_sd3_teacher(str(base / "sd3"), seed=4),
+        "sd3_no_t5": build_tiny_sd3_teacher(str(base / "sd3_no_t5"), seed=5, with_t5=False, dual_attention=True),
+        "images": build_image_folder(str(base / "images"), num_images=12, size=RESOLUTION + 4),
+        "shards": build_wds_shards(str(base / "shards"), num_shards=2, per_shard=6, size=RESOLUTION + 4),
     }
 
 

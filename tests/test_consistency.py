@@ -9,6 +9,7 @@ from lcm_utils.consistency import (
     LOSSES,
     PREDICTION_TYPES,
     alpha_sigma,
+    flow_alpha_sigma,
     append_dims,
     boundary_scalings,
     cfg_combine,
@@ -144,14 +145,18 @@ def model_output_for(prediction_type, x0, eps, alpha, sigma):
         "epsilon": eps,
         "v_prediction": alpha * eps - sigma * x0,
         "sample": x0,
+        "flow": eps - x0,  # the velocity of z = (1 - sigma) x0 + sigma eps
     }[prediction_type]
 
 
 @pytest.mark.parametrize("prediction_type", sorted(PREDICTION_TYPES))
 def test_prediction_type_round_trips(prediction_type, alphas_cumprod):
-    assert set(PREDICTION_TYPES) == {"epsilon", "v_prediction", "sample"}
+    assert set(PREDICTION_TYPES) == {"epsilon", "v_prediction", "sample", "flow"}
     x0, eps = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2)
-    alpha, sigma = alpha_sigma(alphas_cumprod, torch.tensor([0, 499, 999]), len(SHAPE))
+    if prediction_type == "flow":  # exact on a flow schedule only, alpha = 1 - sigma
+        alpha, sigma = flow_alpha_sigma(torch.tensor([0.0, 500.0, 1000.0]), 1000, len(SHAPE))
+    else:
+        alpha, sigma = alpha_sigma(alphas_cumprod, torch.tensor([0, 499, 999]), len(SHAPE))
     z = alpha * x0 + sigma * eps
     out = model_output_for(prediction_type, x0, eps, alpha, sigma)
     torch.testing.assert_close(predicted_x0(out, z, alpha, sigma, prediction_type), x0, atol=1e-5, rtol=1e-5)
@@ -171,7 +176,7 @@ def test_unknown_prediction_type_names_valid_ones():
     x = torch.zeros(1, 1)
     for fn in (predicted_x0, predicted_eps):
         with pytest.raises(ValueError, match="epsilon.*sample.*v_prediction"):
-            fn(x, x, x, x, "flow")
+            fn(x, x, x, x, "velocity")
 
 
 # ----------------------------------------------------------------------------- DDIM step

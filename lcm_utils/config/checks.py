@@ -9,7 +9,7 @@ import re
 
 from .. import checkpoint as ckpt
 from ..errors import ConfigError
-from ..families import family_of, read_json, teacher_identity, vae_scale_factor
+from ..families import family_of, local_denoiser_folder, read_json, teacher_identity, vae_scale_factor
 from ..fingerprints import weights_differ
 from .flags import TRACKERS
 
@@ -34,10 +34,12 @@ def check_teacher(args):
     if local is None:
         return None, None
     flag = "--pretrained_teacher_model"
-    if not os.path.isfile(os.path.join(local, "unet", "config.json")):
-        raise ConfigError(f"{flag}: '{local}' has no unet/config.json; pass a diffusers-format Stable Diffusion folder")
-    unet_cfg = read_json(local, "unet", "config.json")
-    family_of(unet_cfg).check_folder(local, unet_cfg, flag)
+    folder = local_denoiser_folder(local)
+    if folder is None:
+        raise ConfigError(f"{flag}: '{local}' has no unet/config.json or transformer/config.json; pass a "
+                          f"diffusers-format Stable Diffusion folder")
+    denoiser_cfg = read_json(local, folder, "config.json")
+    family_of(denoiser_cfg, f"'{local}/{folder}/config.json'").check_folder(local, denoiser_cfg, flag)
     vae_cfg = read_json(local, "vae", "config.json")
     if args.pretrained_vae_model_name_or_path:
         vae_local = resolve_local_model(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
@@ -140,14 +142,19 @@ def check_resolution(args, vae_cfg):
         raise ConfigError(f"--resolution ({args.resolution}) must be a multiple of {need} (8 for the pipelines, "
                           f"{vae_factor} for the VAE's latents); try {near}")
     teacher = args.pretrained_teacher_model
-    if os.path.isfile(os.path.join(teacher, "unet", "config.json")):
-        denoiser_cfg = read_json(teacher, "unet", "config.json")
+    folder = local_denoiser_folder(teacher) if os.path.isdir(teacher) else None
+    if folder is not None:
+        denoiser_cfg = read_json(teacher, folder, "config.json")
         family = family_of(denoiser_cfg)
         least = family.min_latent_side(denoiser_cfg) * vae_factor
         if args.resolution < least:
             raise ConfigError(f"--resolution ({args.resolution}) is below the {least} px that the teacher's "
                               f"{family.name} denoiser can sample (a {least // vae_factor}x{least // vae_factor} "
                               f"latent, one pixel after its downsamplings); use at least {math.lcm(least, need)}")
+        problem = family.latent_side_problem(denoiser_cfg, args.resolution // vae_factor)
+        if problem:
+            raise ConfigError(f"--resolution ({args.resolution}, a {args.resolution // vae_factor}-pixel latent): "
+                              f"{problem}")
 
 
 def check_precision(args):

@@ -6,19 +6,36 @@ import warnings
 from ..errors import ConfigError
 from ..fingerprints import config_fingerprint, weights_fingerprint
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES = {None: StableDiffusion, "text_time": StableDiffusionXL}  # by the UNet's addition_embed_type
+UNET_FAMILIES = {None: StableDiffusion, "text_time": StableDiffusionXL}  # by the UNet's addition_embed_type
+FAMILIES = (StableDiffusion, StableDiffusionXL, StableDiffusion3)
+DENOISER_FOLDERS = tuple(dict.fromkeys(family.denoiser_folder for family in FAMILIES))  # unet, transformer
 
 
-def family_of(denoiser_config, source="the teacher's unet/config.json", flag="--pretrained_teacher_model"):
+def family_of(denoiser_config, source="the teacher's denoiser config", flag="--pretrained_teacher_model"):
     """The family class for a denoiser config (dict); ConfigError for one no family here takes."""
+    if StableDiffusion3.matches(denoiser_config):
+        return StableDiffusion3
+    name = denoiser_config.get("_class_name", "UNet2DConditionModel")
+    if name != StableDiffusion.denoiser_class_name:
+        raise ConfigError(f"{flag}: {source} is a {name}; this trainer takes SD 1.x/2.x and SDXL UNets and SD3 "
+                          f"transformers")
     kind = denoiser_config.get("addition_embed_type")
-    if kind not in FAMILIES:
-        known = ", ".join(repr(k) for k in FAMILIES if k) + " or none"
+    if kind not in UNET_FAMILIES:
+        known = ", ".join(repr(k) for k in UNET_FAMILIES if k) + " or none"
         raise ConfigError(f"{flag}: {source} has addition_embed_type {kind!r}; this trainer "
                           f"takes SD 1.x/2.x and SDXL-family UNets ({known})")
-    return FAMILIES[kind]
+    return UNET_FAMILIES[kind]
+
+
+def local_denoiser_folder(path):
+    """The denoiser subfolder (unet/ or transformer/) of a local teacher folder, or None without either."""
+    for folder in DENOISER_FOLDERS:
+        if os.path.isfile(os.path.join(path, folder, "config.json")):
+            return folder
+    return None
 
 
 def teacher_revision(args):
@@ -31,10 +48,18 @@ def pretrained_source(args):
 
 
 def denoiser_config(path, src=None):
-    """The denoiser config (dict) of a teacher folder or Hub id; no weights are read."""
-    # Every family here keeps its denoiser in unet/: the base family's reader takes any of their configs.
-    return StableDiffusion.denoiser_class().load_config(path, subfolder=StableDiffusion.denoiser_folder,
-                                                        **(src or {}))
+    """The denoiser config (dict) of a teacher folder or Hub id, from unet/ or transformer/; no weights are read."""
+    folders = DENOISER_FOLDERS
+    if os.path.isdir(path):
+        folders = (local_denoiser_folder(path) or folders[0],)
+    error = None
+    for folder in folders:
+        try:
+            # Any denoiser class reads any config.json: the file, not the class, says which family it is.
+            return dict(StableDiffusion.denoiser_class().load_config(path, subfolder=folder, **(src or {})))
+        except (OSError, ValueError) as e:
+            error = error or e
+    raise error
 
 
 def family_at(path, src=None):
@@ -103,5 +128,5 @@ def teacher_identity(args):
     config = denoiser_config(path, src)
     family = family_of(config)
     return {"teacher": path, "family": family.name, "denoiser_config": config_fingerprint(config),
-            "prediction_type": family.noise_scheduler_config(path, src).get("prediction_type", "epsilon"),
+            "prediction_type": family.prediction_type(family.noise_scheduler_config(path, src)),
             "weights": weights_fingerprint(path, family.denoiser_folder, **src)}

@@ -31,6 +31,8 @@ class StableDiffusion:
     pipeline_class_name = "StableDiffusionPipeline"
     denoiser_folder, denoiser_class_name = "unet", "UNet2DConditionModel"
     noise_scheduler_class_name = "DDPMScheduler"  # holds the schedule the solver reads (alphas_cumprod)
+    schedule_kind = "diffusion"  # objectives.SCHEDULES: the solver's schedule and the samplers exported
+    reference_scheduler_class_name = "DDIMScheduler"  # the teacher's own sampler that validation compares with
     lora_target_modules = UNET_LORA_TARGETS  # --lora_target_modules when the flag is not given
     lora_weights_file = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
     card_tags = ("stable-diffusion",)
@@ -72,10 +74,20 @@ class StableDiffusion:
         smaller latent is padded up, and trains on padding)."""
         return 2 ** (len(denoiser_config.get("block_out_channels", (0,))) - 1)
 
+    @staticmethod
+    def latent_side_problem(denoiser_config, latent_side):
+        """What is wrong with a latent of this side for the denoiser (a sentence ending in the fix), or None."""
+        return None
+
     @classmethod
     def missing_part_context(cls, denoiser_config):
         """What the folder was recognised as, for the missing-part error (empty for the base family)."""
         return ""
+
+    @classmethod
+    def pipeline_loading_extras(cls, path):
+        """from_pretrained's extra components (as source text) that the folder at `path` needs to load."""
+        return {}
 
     @classmethod
     def load_pipeline(cls, path, **components):
@@ -95,6 +107,11 @@ class StableDiffusion:
         import diffusers
 
         return getattr(diffusers, cls.noise_scheduler_class_name).load_config(path, subfolder="scheduler", **src)
+
+    @staticmethod
+    def prediction_type(noise_scheduler_config):
+        """What the denoiser's output is (epsilon, v_prediction, sample), from its noise scheduler's config."""
+        return noise_scheduler_config.get("prediction_type", "epsilon")
 
     @classmethod
     def load_noise_scheduler(cls, path, src):
@@ -134,8 +151,16 @@ class StableDiffusion:
 
     @staticmethod
     def guidance_embedding_dim(student):
-        """Width of the student's w-embedding input."""
+        """Width of the student's w-embedding input (None: the student takes no w)."""
         return student.config.time_cond_proj_dim
+
+    @staticmethod
+    def denoise(model, z, t, cond, w_embedding=None):
+        """The denoiser's raw output [B, C, h, w] at latents z [B, C, h, w] and times t [B]; `cond` is a dict of
+        its keyword arguments, `w_embedding` [B, D] the student's guidance input (None: the model has none)."""
+        if w_embedding is not None:
+            return model(z, t, timestep_cond=w_embedding, **cond).sample
+        return model(z, t, **cond).sample
 
     # ------------------------------------------------------------------ text encoders and conditions
 

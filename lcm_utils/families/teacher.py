@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objectives import SolverSchedule
+from ..objectives import SCHEDULES
 from ..tensors import to_device, to_latent_space
 from .registry import pretrained_source, teacher_family
 
@@ -18,14 +18,14 @@ from .registry import pretrained_source, teacher_family
 class Teacher:
     """The frozen parts of a teacher; `family` holds its text encoders and knows its kind."""
 
-    noise_scheduler: object  # the family's noise schedule (DDPMScheduler for SD/SDXL)
+    noise_scheduler: object  # the family's noise schedule (DDPMScheduler for SD/SDXL, flow matching for SD3)
     family: object  # a StableDiffusion / StableDiffusionXL instance, with its tokenizers and text encoders
     vae: torch.nn.Module
     denoiser: torch.nn.Module
 
     @property
     def prediction_type(self):
-        return self.noise_scheduler.config.prediction_type
+        return self.family.prediction_type(self.noise_scheduler.config)
 
     def pipeline(self, denoiser, scheduler):
         """The family's stock pipeline with this teacher's text parts and VAE and the given denoiser and scheduler."""
@@ -41,7 +41,8 @@ class Teacher:
 
     def solver_schedule(self, num_ddim_timesteps, timestep_scaling, device):
         """The schedule and solver grid the objectives read, on the training device."""
-        return SolverSchedule.from_scheduler(self.noise_scheduler, num_ddim_timesteps, timestep_scaling, device)
+        schedule = SCHEDULES[self.family.schedule_kind]
+        return schedule.from_scheduler(self.noise_scheduler, num_ddim_timesteps, timestep_scaling, device)
 
     @contextlib.contextmanager
     def encoders_on(self, device):

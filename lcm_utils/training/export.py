@@ -19,8 +19,10 @@ EXPORT_STATE = "exported.json"  # which run and step the exported weights in out
 def sampling_scheduler(teacher, objective, args):
     """The scheduler a user should sample this run's student with: the objective's, on the teacher's schedule
     with this run's settings (LCM: its timestep scaling and DDIM grid)."""
-    overrides = objective.scheduler_overrides(args.timestep_scaling_factor, args.num_ddim_timesteps)
-    return teacher.scheduler(objective.scheduler_class_name, **overrides)
+    kind = teacher.family.schedule_kind
+    overrides = objective.scheduler_overrides(args.timestep_scaling_factor, args.num_ddim_timesteps, kind,
+                                              teacher.noise_scheduler.config.get("shift"))
+    return teacher.scheduler(objective.scheduler_class(kind), **overrides)
 
 
 def stock_pipeline(teacher, denoiser, objective, args):
@@ -29,15 +31,18 @@ def stock_pipeline(teacher, denoiser, objective, args):
     return teacher.pipeline(denoiser, sampling_scheduler(teacher, objective, args))
 
 
-def sampler_usage(objective):
+def sampler_usage(objective, family):
     """(scheduler class, extra call arguments as text, a good step count) for the model card's snippet."""
-    extra = "".join(f", {name}={value:g}" for name, value in objective.sampling_kwargs().items())
-    return objective.scheduler_class_name, extra, objective.sampling_steps
+    kind = family.schedule_kind
+    extra = "".join(f", {name}={value:g}" for name, value in objective.sampling_kwargs(kind).items())
+    return objective.scheduler_class(kind), extra, objective.sampling_steps
 
 
-def pretrained_parts(args):
-    """from_pretrained arguments of the model card's snippet: the teacher, and the VAE the run used if not its own."""
-    parts = f'"{args.pretrained_teacher_model}"'
+def pretrained_parts(args, family):
+    """from_pretrained arguments of the model card's snippet: the teacher, the parts its folder lacks (SD3 without
+    T5), and the VAE the run used if not its own."""
+    parts = f'"{args.pretrained_teacher_model}"' + "".join(
+        f", {name}={value}" for name, value in family.pipeline_loading_extras(args.pretrained_teacher_model).items())
     if args.pretrained_vae_model_name_or_path:
         parts += f', vae=AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}")'
     return parts
@@ -123,7 +128,7 @@ Distilled from `{args.pretrained_teacher_model}` by {objective.title} for {step}
 {validation_section(args.output_dir)}
 {usage}
 
-{objective.sampling_note()}
+{objective.sampling_note(family.schedule_kind)}
 
 The resolved training configuration is in `training_config.yaml`.
 """

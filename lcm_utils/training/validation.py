@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import torch
 
-from ..evaluation import decode_to_array, labelled_grid
+from ..evaluation import decode_to_array, labelled_grid, scheduler_at
 from ..families import load_teacher_denoiser
 
 DEFAULT_VALIDATION_PROMPTS = [
@@ -31,12 +31,14 @@ def autocast_for(run):
 
 @torch.no_grad()
 def teacher_references(run, teacher, prompts, guidance):
-    """The teacher's own samples [1, C, h, w] of the validation prompts from the grid's seeds: DDIM with
+    """The teacher's own samples [1, C, h, w] of the validation prompts from the grid's seeds: DDIM (Euler on a flow
+    schedule) with
     REFERENCE_STEPS steps and CFG at `guidance`, on a fresh copy of its denoiser (the one in training may be cast
     or carry adapters). Computed once per run: the teacher is frozen."""
     args, device = run.args, run.accelerator.device
     denoiser = load_teacher_denoiser(args, type(teacher.family))
-    pipe = teacher.pipeline(denoiser.to(device).eval(), teacher.scheduler("DDIMScheduler"))
+    pipe = teacher.pipeline(denoiser.to(device).eval(),
+                            teacher.scheduler(teacher.family.reference_scheduler_class_name))
     references = []
     for i, prompt in enumerate(prompts):
         with autocast_for(run):
@@ -59,12 +61,13 @@ def run_validation(run, teacher, step):
         if guidance is None:
             guidance = run.method.default_validation_guidance(args)
         distances = {n: [] for n in args.validation_inference_steps}
-        sampler = run.method.objective.sampling_kwargs()
+        sampler = run.method.objective.sampling_kwargs(teacher.family.schedule_kind)
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".validation-") as tmp, \
                 teacher.encoders_on(acc.device):
             if run.references is None:
                 run.references = teacher_references(run, teacher, prompts, run.method.reference_guidance(args))
             pipe = run.method.validation_pipeline(tmp, teacher, args, acc.device, weights)
+            scheduler = pipe.scheduler
             del weights
             rows, columns = [], [f"{n} step{'s' if n > 1 else ''}, g {guidance:g}"
                                  for n in args.validation_inference_steps]
@@ -72,6 +75,7 @@ def run_validation(run, teacher, step):
                 row = []
                 for steps in args.validation_inference_steps:
                     gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
+                    pipe.scheduler = scheduler_at(scheduler, steps)
                     with autocast_for(run):
                         latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                                        height=args.resolution, width=args.resolution, generator=gen,
