@@ -56,7 +56,8 @@ def load_student_pipeline(teacher, model_dir, kind, device):
     family = family_at(teacher)
     folder = family.denoiser_folder
     extra = {folder: family.denoiser_class().from_pretrained(model_dir, subfolder=folder)} if kind == "full" else {}
-    pipe = family.load_pipeline(teacher, scheduler=exported_scheduler(model_dir), **extra)
+    without_t5 = bool(training_config(model_dir).get("without_t5"))
+    pipe = family.load_pipeline(teacher, without_t5, scheduler=exported_scheduler(model_dir), **extra)
     if kind == "lora":
         pipe.load_lora_weights(model_dir)
     return pipe.to(device)

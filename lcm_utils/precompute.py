@@ -98,10 +98,11 @@ def encoder_fingerprints(args, family_cls):
     vae_path, vae_sub = vae_source(args)
     vae_src = src if vae_sub else dict(cache_dir=args.cache_dir)
     vae = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, **vae_src)
-    folders = [folder for _, folder in family_cls.text_parts]
+    folders = family_cls.text_folders(args.pretrained_teacher_model, args.without_t5)
     texts = [PretrainedConfig.get_config_dict(args.pretrained_teacher_model, subfolder=folder, **src)[0]
              for folder in folders]
-    return {"vae_config": config_fingerprint(vae), "text_encoder_configs": [config_fingerprint(t) for t in texts],
+    return {"vae_config": config_fingerprint(vae), "text_encoders": folders,
+            "text_encoder_configs": [config_fingerprint(t) for t in texts],
             "scaling_factor": float(vae.get("scaling_factor", 0.18215)), "shift_factor": vae.get("shift_factor"),
             "vae_weights": weights_fingerprint(vae_path, vae_sub, **vae_src),
             "text_encoder_weights": [weights_fingerprint(args.pretrained_teacher_model, folder, **src)
@@ -136,6 +137,10 @@ def check_precomputed(record, args, family_cls):
         raise ConfigError(f"{where}: the precomputed latents come from the VAE '{record['vae']}', whose config "
                           f"differs from this run's ('{vae_path}{'/' + vae_sub if vae_sub else ''}'); pass the same "
                           f"VAE (--pretrained_vae_model_name_or_path) or precompute with this one")
+    if record.get("text_encoders", ours["text_encoders"]) != ours["text_encoders"]:
+        raise ConfigError(f"{where}: the precomputed text embeddings come from {', '.join(record['text_encoders'])}, "
+                          f"this run encodes with {', '.join(ours['text_encoders'])}; pass the text-encoder flags "
+                          f"they were precomputed with (--without_t5) or precompute again")
     if ours["text_encoder_configs"] != record["text_encoder_configs"]:
         raise ConfigError(f"{where}: the precomputed text embeddings come from the text encoder(s) of "
                           f"'{record['teacher']}', whose configs differ from those of "

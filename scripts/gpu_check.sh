@@ -154,6 +154,33 @@ print(build_wds_shards(os.path.join(W, 'shards'), num_shards=4, per_shard=16, si
 "
 }
 
+# SD3 in bf16 on the tiny SD3 teachers (with T5; without it, SD3.5's dual attention): full PCM distillation (cast
+# teacher, validation through StableDiffusion3Pipeline) and LCM-LoRA with --without_t5, each then sampled by
+# scripts/sample.py. The flow-matching family's GPU paths (T5's fp32 modules in a bf16 encoder, the transformer in
+# bf16 under autocast).
+s_sd3_bf16() {
+    rm -rf "$W/sd3" "$W/sd3_no_t5" "$W/sd3_full" "$W/sd3_lora"
+    python3 -c "
+import os, sys
+sys.path.insert(0, os.environ['ROOT'])
+from lcm_utils.tiny import build_tiny_sd3_teacher
+W = os.environ['W']
+build_tiny_sd3_teacher(os.path.join(W, 'sd3'), seed=4)
+build_tiny_sd3_teacher(os.path.join(W, 'sd3_no_t5'), seed=5, with_t5=False, dual_attention=True)
+" || return 1
+    local common=(--train_shards_path_or_url "$W/shards/{00000..00003}.tar" --resolution 16 --train_batch_size 4
+        --max_train_steps 6 --validation_steps 6 --validation_prompts "a red square" --validation_inference_steps 1 2
+        --report_to none --seed 0 --cast_teacher_unet)
+    launch train_lcm_distill.py bf16 "${common[@]}" --pretrained_teacher_model "$W/sd3_no_t5" \
+        --output_dir "$W/sd3_full" --objective pcm --num_phases 2 || return 1
+    launch train_lcm_lora.py bf16 "${common[@]}" --pretrained_teacher_model "$W/sd3" --without_t5 \
+        --output_dir "$W/sd3_lora" --lora_rank 4 || return 1
+    for run in sd3_full sd3_lora; do
+        [ -f "$W/$run/validation/step-000006.png" ] || { echo "no validation grid in $run"; return 1; }
+        python3 scripts/sample.py --model "$W/$run" --steps 1 2 --out "$OUT/sample_$run.png" || return 1
+    done
+}
+
 # SDXL in fp16 on the tiny SDXL teacher: full distillation (cast teacher, validation grid decoded by an fp32 VAE)
 # and LCM-LoRA from LAION-style shards with filters, each then sampled by scripts/sample.py in a stock
 # StableDiffusionXLPipeline. The GPU paths of the SDXL family that no CPU test can take.
@@ -350,7 +377,7 @@ s_throughput() {
     fi 2>&1 | tee "$W/throughput.log"
 }
 export -f step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16 s_sync s_throughput
+    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
 
 main() {
     RESULTS=()
@@ -385,6 +412,7 @@ main() {
     step losses_finite 30 s_losses
     step sample_stock_pipelines 60 s_sample
     step sdxl_fp16_train+sample 120 s_sdxl_fp16
+    step sd3_bf16_train+sample 120 s_sd3_bf16
     step sync_free_step 90 s_sync
     step fsdp_train+resume+sample 150 s_fsdp
     step deepspeed_train+resume+sample 200 s_deepspeed

@@ -157,7 +157,7 @@ def load_pipeline(args, family, teacher):
         parts[folder] = family.denoiser_class().from_pretrained(args.model, subfolder=folder)
     if args.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = family.load_pipeline(teacher, **parts)
+    pipe = family.load_pipeline(teacher, bool(args.trained.get("without_t5")), **parts)
     if not is_full:
         pipe.load_lora_weights(args.model)
     pipe.set_progress_bar_config(disable=not args.verbose)
@@ -167,6 +167,7 @@ def load_pipeline(args, family, teacher):
 def main(argv=None):
     args = parse_args(argv)
     trained, scheduler, teacher = check_cheaply(args)
+    args.trained = trained
     if not args.verbose:  # before diffusers and transformers load, so their import-time notes stay out too
         from lcm_utils.console import quiet_libraries
 

@@ -28,12 +28,14 @@ def euler_scheduler(**config):
     return FlowMatchEulerDiscreteScheduler(**config)
 
 
-@pytest.mark.parametrize("name", ["sd3", "sd3_no_t5"])
-def test_prompt_embeddings_and_the_unconditional_branch_equal_the_pipeline(sd3_assets, name):
+@pytest.mark.parametrize("name,without_t5", [("sd3", False), ("sd3_no_t5", False), ("sd3", True)])
+def test_prompt_embeddings_and_the_unconditional_branch_equal_the_pipeline(sd3_assets, name, without_t5):
+    """With T5, without it in the folder, and with --without_t5 (the pipeline loaded with text_encoder_3=None)."""
     teacher = sd3_assets[name]
     assert family_at(teacher) is StableDiffusion3
-    family = StableDiffusion3.load(teacher, {}, "cpu", torch.float32)
-    pipe = StableDiffusion3.load_pipeline(teacher)
+    family = StableDiffusion3.load(teacher, {}, "cpu", torch.float32, without_t5=without_t5)
+    pipe = StableDiffusion3.load_pipeline(teacher, without_t5)
+    assert (pipe.text_encoder_3 is None) == (name == "sd3_no_t5" or without_t5)
     with torch.no_grad():  # as the pipeline's __call__ runs it (T5's kernels differ by 1e-5 under autograd)
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(CAPTIONS, None, None, device="cpu")
     ours = family.encode_text(CAPTIONS)
@@ -45,11 +47,20 @@ def test_prompt_embeddings_and_the_unconditional_branch_equal_the_pipeline(sd3_a
     assert torch.equal(uncond["pooled_projections"], negative_pooled_one)
     torch.testing.assert_close(uncond["pooled_projections"].expand(3, -1), negative_pooled)
     clip_tokens = pipe.tokenizer.model_max_length
-    assert ((ours["encoder_hidden_states"][:, clip_tokens:] == 0).all()) == (name == "sd3_no_t5")
+    assert ((ours["encoder_hidden_states"][:, clip_tokens:] == 0).all()) == (pipe.text_encoder_3 is None)
     # The conditions the loop hands the denoiser: an empty caption is the unconditional branch.
     cond, _ = family.conditions({"captions": CAPTIONS}, RESOLUTION)
     assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
     assert torch.equal(cond["encoder_hidden_states"][2], negative[0])
+
+
+def test_t5_in_half_precision_keeps_its_overflowing_projection_in_fp32(sd3_assets):
+    family = StableDiffusion3.load(sd3_assets["sd3"], {}, "cpu", torch.float16)
+    dtypes = {name: p.dtype for name, p in family.text_encoders[2].named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith("wo.weight")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.endswith("wi.weight")} == {torch.float16}
+    assert family.text_encoders[0].dtype == torch.float16
+    assert torch.isfinite(family.encode_text(CAPTIONS)["encoder_hidden_states"].float()).all()
 
 
 def test_the_solver_step_is_diffusers_euler_step_on_the_guided_velocity():
@@ -142,20 +153,20 @@ def test_lcd_loss_on_the_flow_schedule_is_zero_for_a_student_that_is_its_own_sol
         assert loss.item() < 1e-10, name
 
 
-@pytest.mark.parametrize("script,objective,teacher", [
-    ("train_lcm_distill.py", "lcm", "sd3"),
-    ("train_lcm_distill.py", "pcm", "sd3_no_t5"),
-    ("train_lcm_lora.py", "tcd", "sd3"),
-    ("train_lcm_lora.py", "pcm", "sd3_no_t5"),
+@pytest.mark.parametrize("script,objective,teacher,without_t5", [
+    ("train_lcm_distill.py", "lcm", "sd3", False),
+    ("train_lcm_distill.py", "pcm", "sd3_no_t5", False),
+    ("train_lcm_lora.py", "tcd", "sd3", True),
+    ("train_lcm_lora.py", "pcm", "sd3_no_t5", False),
 ])
 def test_both_scripts_train_every_objective_and_the_output_loads_in_the_stock_pipeline(
-        sd3_assets, tmp_path, script, objective, teacher):
+        sd3_assets, tmp_path, script, objective, teacher, without_t5):
     import diffusers
 
     out = str(tmp_path / "out")
     lora = {"lora_rank": 4} if script == "train_lcm_lora.py" else {}
     check_ok(launch(script, sd3_args(sd3_assets, out, teacher, objective=objective, num_phases=2, max_train_steps=2,
-                                     validation_steps=2, **lora)))
+                                     validation_steps=2, without_t5=without_t5, **lora)))
     assert os.path.isfile(os.path.join(out, "validation", "step-000002.png"))
     config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
     assert config["_class_name"] == {"lcm": "FlowMatchLCMScheduler"}.get(objective, "FlowMatchEulerDiscreteScheduler")
@@ -163,13 +174,14 @@ def test_both_scripts_train_every_objective_and_the_output_loads_in_the_stock_pi
     scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(out, subfolder="scheduler")
     card = open(os.path.join(out, "README.md")).read()
     assert "StableDiffusion3Pipeline.from_pretrained" in card and config["_class_name"] in card
-    assert ("text_encoder_3=None" in card) == (teacher == "sd3_no_t5")
+    assert ("text_encoder_3=None" in card) == (teacher == "sd3_no_t5" or without_t5)
     if script == "train_lcm_distill.py":
         transformer = diffusers.SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")
-        pipe = StableDiffusion3.load_pipeline(sd3_assets[teacher], transformer=transformer, scheduler=scheduler)
+        pipe = StableDiffusion3.load_pipeline(sd3_assets[teacher], without_t5, transformer=transformer,
+                                              scheduler=scheduler)
         assert "guidance_scale=1" in card
     else:
-        pipe = StableDiffusion3.load_pipeline(sd3_assets[teacher], scheduler=scheduler)
+        pipe = StableDiffusion3.load_pipeline(sd3_assets[teacher], without_t5, scheduler=scheduler)
         pipe.load_lora_weights(out)
     sample = pipe("a red square", num_inference_steps=2, guidance_scale=1.0, height=RESOLUTION, width=RESOLUTION,
                   generator=torch.Generator().manual_seed(0), output_type="latent").images
@@ -234,21 +246,25 @@ def test_sd3_from_precomputed_shards_equals_encoding_on_the_fly(sd3_assets, tmp_
     (lambda f: os.remove(os.path.join(f, "text_encoder_2", "config.json")), "SD3 transformer but no text_encoder_2"),
     ("joint_attention_dim", "joint_attention_dim 64 is below the two CLIP widths 32 + 48"),
     ("pooled_projection_dim", "pooled_projection_dim 64 != the two CLIP projection dims 56"),
+    ("without_t5", "--without_t5: the teacher"),
 ])
 def test_a_broken_sd3_folder_is_refused_in_one_line(sd3_assets, tmp_path, edit, message):
     import shutil
 
     folder = str(tmp_path / "teacher")
     shutil.copytree(sd3_assets["sd3_no_t5"], folder)
+    flags = {}
     if callable(edit):
         edit(folder)
+    elif edit == "without_t5":  # a folder with no T5 to leave out
+        flags["without_t5"] = True
     else:
         path = os.path.join(folder, "transformer", "config.json")
         config = json.load(open(path))
         config[edit] = 64
         json.dump(config, open(path, "w"))
     result = launch("train_lcm_lora.py", sd3_args(sd3_assets, str(tmp_path / "out"), dry_run=True,
-                                                  pretrained_teacher_model=folder), quiet=True)
+                                                  pretrained_teacher_model=folder, **flags), quiet=True)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 

@@ -39,7 +39,10 @@ def check_teacher(args):
         raise ConfigError(f"{flag}: '{local}' has no unet/config.json or transformer/config.json; pass a "
                           f"diffusers-format Stable Diffusion folder")
     denoiser_cfg = read_json(local, folder, "config.json")
-    family_of(denoiser_cfg, f"'{local}/{folder}/config.json'").check_folder(local, denoiser_cfg, flag)
+    family = family_of(denoiser_cfg, f"'{local}/{folder}/config.json'")
+    family.check_folder(local, denoiser_cfg, flag)
+    if args.without_t5 and family.text_folders(local, True) == family.text_folders(local):
+        raise ConfigError(f"--without_t5: the teacher '{local}' ({family.name}) has no T5 to leave out; drop the flag")
     vae_cfg = read_json(local, "vae", "config.json")
     if args.pretrained_vae_model_name_or_path:
         vae_local = resolve_local_model(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")

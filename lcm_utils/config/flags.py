@@ -70,6 +70,10 @@ def add_model_flags(parser):
     g.add_argument("--revision", type=str, default=None,
                    help="Hub revision used for the teacher when --teacher_revision is not given.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded Hub models are cached.")
+    g.add_argument("--without_t5", action="store_true",
+                   help="SD3: leave the teacher's T5 (text_encoder_3) out: its part of the prompt embedding is zeros, "
+                        "as StableDiffusion3Pipeline makes it with text_encoder_3=None (saves T5's memory and time; "
+                        "sample the student the same way).")
 
 
 def add_data_flags(parser, training=True):

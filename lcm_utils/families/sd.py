@@ -85,14 +85,15 @@ class StableDiffusion:
         return ""
 
     @classmethod
-    def pipeline_loading_extras(cls, path):
+    def pipeline_loading_extras(cls, path, without_t5=False):
         """from_pretrained's extra components (as source text) that the folder at `path` needs to load."""
         return {}
 
     @classmethod
-    def load_pipeline(cls, path, **components):
+    def load_pipeline(cls, path, without_t5=False, **components):
         """The stock pipeline of a teacher or training output folder as a user loads it, progress bar off."""
-        pipe = cls.pipeline_class().from_pretrained(path, **cls.pipeline_loading_kwargs, **components)
+        extras = {name: None for name in cls.pipeline_loading_extras(path, without_t5)}
+        pipe = cls.pipeline_class().from_pretrained(path, **cls.pipeline_loading_kwargs, **{**extras, **components})
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -165,7 +166,12 @@ class StableDiffusion:
     # ------------------------------------------------------------------ text encoders and conditions
 
     @classmethod
-    def load(cls, path, src, device, dtype, force_zeros_for_empty_prompt=None):
+    def text_folders(cls, path, without_t5=False):
+        """The text encoders' folders this family encodes prompts with for the teacher at `path`."""
+        return [encoder for _, encoder in cls.text_parts]
+
+    @classmethod
+    def load(cls, path, src, device, dtype, force_zeros_for_empty_prompt=None, without_t5=False):
         """Tokenizers and frozen text encoders from the teacher folder (or Hub id), in `dtype` on `device`."""
         from transformers import AutoTokenizer
 

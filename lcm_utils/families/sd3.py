@@ -117,18 +117,26 @@ class StableDiffusion3(StableDiffusion):
     # ------------------------------------------------------------------ text encoders and conditions
 
     @classmethod
-    def load(cls, path, src, device, dtype, force_zeros_for_empty_prompt=None):
-        """CLIP-L, CLIP-G and (when the folder has it) T5, frozen, in `dtype` on `device`."""
+    def text_folders(cls, path, without_t5=False):
+        folders = [encoder for _, encoder in cls.text_parts]
+        return folders[:2] if without_t5 or (os.path.isdir(path) and not cls.has_t5(path)) else folders
+
+    @classmethod
+    def load(cls, path, src, device, dtype, force_zeros_for_empty_prompt=None, without_t5=False):
+        """CLIP-L, CLIP-G and (unless the folder lacks it or --without_t5) T5, frozen, in `dtype` on `device`."""
         from transformers import AutoTokenizer
 
-        local_without_t5 = os.path.isdir(path) and not cls.has_t5(path)
+        folders = cls.text_folders(path, without_t5)
         tokenizers, encoders = [], []
         for (tokenizer_folder, encoder_folder), encoder_cls in zip(cls.text_parts, cls.encoder_classes()):
-            if encoder_folder == "text_encoder_3" and local_without_t5:
+            if encoder_folder not in folders:
                 continue
             tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=tokenizer_folder, **src))
-            encoder = encoder_cls.from_pretrained(path, subfolder=encoder_folder, **src)
-            encoders.append(encoder.requires_grad_(False).eval().to(device, dtype=dtype))
+            if encoder_folder == "text_encoder_3":  # loaded in dtype: T5 keeps the modules that overflow fp16 in fp32
+                encoder = encoder_cls.from_pretrained(path, subfolder=encoder_folder, torch_dtype=dtype, **src)
+            else:
+                encoder = encoder_cls.from_pretrained(path, subfolder=encoder_folder, **src).to(dtype=dtype)
+            encoders.append(encoder.requires_grad_(False).eval().to(device))
         joint = cls.denoiser_class().load_config(path, subfolder=cls.denoiser_folder, **src)["joint_attention_dim"]
         return cls(tokenizers, encoders, force_zeros_for_empty_prompt, joint)
 
@@ -173,15 +181,10 @@ class StableDiffusion3(StableDiffusion):
         return pipe
 
     @classmethod
-    def pipeline_loading_extras(cls, path):
-        if os.path.isdir(path) and not cls.has_t5(path):  # a folder saved without T5 reloads only this way
+    def pipeline_loading_extras(cls, path, without_t5=False):
+        if len(cls.text_folders(path, without_t5)) < 3:  # a folder saved without T5 reloads only this way
             return {"text_encoder_3": "None", "tokenizer_3": "None"}
         return {}
-
-    @classmethod
-    def load_pipeline(cls, path, **components):
-        extras = {name: None for name in cls.pipeline_loading_extras(path)}
-        return super().load_pipeline(path, **{**extras, **components})
 
     @classmethod
     def save_lora(cls, folder, layers, adapter_metadata):

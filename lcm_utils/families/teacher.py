@@ -81,7 +81,7 @@ def load_encoders(args, device, weight_dtype):
 
     src, path = pretrained_source(args), args.pretrained_teacher_model
     force_zeros = pipeline_settings(path, src).get("force_zeros_for_empty_prompt")
-    family = teacher_family(args).load(path, src, device, weight_dtype, force_zeros)
+    family = teacher_family(args).load(path, src, device, weight_dtype, force_zeros, args.without_t5)
     if args.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fix VAE, which sets force_upcast false
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     else:

@@ -42,7 +42,8 @@ def pretrained_parts(args, family):
     """from_pretrained arguments of the model card's snippet: the teacher, the parts its folder lacks (SD3 without
     T5), and the VAE the run used if not its own."""
     parts = f'"{args.pretrained_teacher_model}"' + "".join(
-        f", {name}={value}" for name, value in family.pipeline_loading_extras(args.pretrained_teacher_model).items())
+        f", {name}={value}" for name, value in
+        family.pipeline_loading_extras(args.pretrained_teacher_model, args.without_t5).items())
     if args.pretrained_vae_model_name_or_path:
         parts += f', vae=AutoencoderKL.from_pretrained("{args.pretrained_vae_model_name_or_path}")'
     return parts
