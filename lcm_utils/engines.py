@@ -77,6 +77,21 @@ def check_engine_support(acc):
                           "it to false in the accelerate config and pass --gradient_checkpointing instead")
 
 
+def fit_fsdp_wrap(acc, model):
+    """The layer classes FSDP wraps, fitted to `model`: accelerate refuses a configured class the model lacks, so one
+    config could not serve a UNet and an MMDiT. The configured classes this model has are kept; with none, the
+    model's own _no_split_modules (diffusers lists its blocks there). Returns the classes wrapped."""
+    plugin = acc.state.fsdp_plugin if uses_fsdp(acc) else None
+    if plugin is None or not plugin.transformer_cls_names_to_wrap:
+        return []
+    names = plugin.transformer_cls_names_to_wrap
+    names = names.split(",") if isinstance(names, str) else list(names)
+    present = {type(module).__name__ for module in model.modules()}
+    kept = [name for name in names if name in present]
+    plugin.transformer_cls_names_to_wrap = kept or None
+    return kept or [name for name in getattr(model, "_no_split_modules", None) or [] if name in present]
+
+
 def configure_deepspeed(acc, args):
     """The run's micro batch, accumulation and clipping flags into the DeepSpeed config, before the engine is
     built: accelerate reads the micro batch from a DataLoader it prepares (the stream is not one), and where the

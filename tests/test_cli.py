@@ -221,7 +221,7 @@ def test_help_shows_defaults_and_each_scripts_validation_guidance(capsys):
     assert "AdamW learning rate (after warm-up). (default: 0.0001)" in full
     assert "--gradient_accumulation_steps GRADIENT_ACCUMULATION_STEPS Micro-batches per optimizer step. (default: 1)" \
         in full
-    assert "(default: w_min + 1, so the student's w-embedding gets w_min)" in full
+    assert "(default: w_min + 1, so the student's w-embedding gets w_min; 1.0 for a student without one (SD3))" in full
     assert "(default: 1.0, no CFG, as LCM-LoRA samples)" in lora and "w_min + 1" not in lora.split("--report_to")[0] \
         .split("--validation_guidance_scale")[-1]
 

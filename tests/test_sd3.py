@@ -275,3 +275,16 @@ def test_a_resolution_the_transformer_cannot_patch_is_refused(sd3_assets, tmp_pa
     result = launch("train_lcm_lora.py", sd3_args(sd3_assets, str(tmp_path / "a"), resolution=72, dry_run=True))
     assert result.returncode != 0 and "position embedding covers at most 32 latent pixels" in result.stderr
     check_ok(launch("train_lcm_lora.py", sd3_args(sd3_assets, str(tmp_path / "b"), resolution=24, dry_run=True)))
+
+
+@pytest.mark.parametrize("script,engine", [("train_lcm_distill.py", "configs/accelerate_fsdp.yaml"),
+                                           ("train_lcm_lora.py", "configs/accelerate_deepspeed_zero2.yaml")])
+def test_sd3_trains_under_fsdp_and_deepspeed_with_the_shipped_configs(sd3_assets, tmp_path, script, engine):
+    """Two processes. The shipped FSDP config names the UNet's and the MMDiT's blocks; the classes the model lacks
+    are dropped before accelerate would refuse them."""
+    out = str(tmp_path / "out")
+    lora = {"lora_rank": 4} if script == "train_lcm_lora.py" else {}
+    check_ok(launch(script, sd3_args(sd3_assets, out, "sd3_no_t5", max_train_steps=2, objective="pcm", num_phases=2,
+                                     **lora), num_processes=2, engine=engine))
+    weights = "transformer" if script == "train_lcm_distill.py" else "pytorch_lora_weights.safetensors"
+    assert os.path.exists(os.path.join(out, weights))

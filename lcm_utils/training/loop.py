@@ -14,7 +14,7 @@ from .. import checkpoint as ckpt
 from ..config import save_resolved_config
 from ..console import ProgressDisplay, quiet_libraries
 from ..data import DataSpec, TrainStream, data_report, latents_from_posterior, tracker_name
-from ..engines import check_engine_support, configure_deepspeed, uses_deepspeed, uses_fsdp
+from ..engines import check_engine_support, configure_deepspeed, fit_fsdp_wrap, uses_deepspeed, uses_fsdp
 from ..errors import TrainingError
 from ..families import encode_images, teacher_family
 from ..objectives import lcd_loss
@@ -166,6 +166,7 @@ def prepare(run, teacher, stream):
                                  num_training_steps=max_train_steps)
     if uses_deepspeed(acc):
         configure_deepspeed(acc, args)
+    fit_fsdp_wrap(acc, method.student)
     method.student_model, optimizer = acc.prepare(method.student, optimizer)
     if uses_fsdp(acc):
         method.shard()
