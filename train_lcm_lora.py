@@ -57,6 +57,9 @@ class LoraDistillation(DistillationMethod):
     def target_modules(args):
         return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
 
+    def teacher_load_dtype(self, args, weight_dtype):
+        return weight_dtype if args.cast_teacher_unet else torch.float32  # the base is the teacher: cast in transit
+
     def build(self, teacher, args, weight_dtype):
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig

@@ -5,6 +5,8 @@
     python benchmarks/lora_memory.py --teacher /models/sd15 --resolution 512 --train_batch_size 4
     python benchmarks/lora_memory.py --sd15_shape --resolution 512 --mixed_precision fp16   # SD 1.5 shapes, random
     python benchmarks/lora_memory.py --sdxl_shape --resolution 1024 --mixed_precision fp16  # SDXL shapes, random
+    python benchmarks/lora_memory.py --sd35_large_shape --resolution 1024 --mixed_precision bf16 \
+        --configs lora lora_second_teacher                                  # SD3.5 Large shapes, random, no T5
 
 Each configuration runs a few training steps in its own process; the peak is the CUDA peak allocation on a
 GPU, else the process's peak resident memory (which includes the Python interpreter and libraries, about
@@ -32,6 +34,7 @@ SD15_SHAPE = dict(unet_channels="320,640,1280,1280", layers_per_block=2, cross_a
 TINY_SHAPE = dict(layers_per_block=1, cross_attention_dim=32, vae_channels="32,64")  # lcm_utils.tiny's
 # --sdxl_shape: the component configs of stabilityai/stable-diffusion-xl-base-1.0, written out in the repo.
 SDXL_CONFIGS = os.path.join(ROOT, "benchmarks", "configs", "sdxl")
+SD35_LARGE_CONFIGS = os.path.join(ROOT, "benchmarks", "configs", "sd35_large")
 
 
 def add_shape_flags(parser, default_channels):
@@ -108,6 +111,50 @@ def build_sdxl_shaped_teacher(out_dir, config_dir=SDXL_CONFIGS):
     return out_dir
 
 
+def build_sd3_shaped_teacher(out_dir, config_dir=SD35_LARGE_CONFIGS):
+    """A diffusers SD3 folder with the shapes of `config_dir` (SD3.5 Large's) and random weights, stored in bf16
+    (8.1 B fp32 parameters would be 32 GB on disk), without T5; character-vocabulary CLIPs as for SDXL."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lcm_utils.tiny import char_tokenizer, write_char_vocab
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 copy of the transformer alone is 32 GB
+    try:
+        text = {name: CLIPTextModelWithProjection(CLIPTextConfig(**dict(
+            sdxl_config(name, config_dir), vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513)))
+            for name in ("text_encoder", "text_encoder_2")}
+        transformer = SD3Transformer2DModel.from_config(sdxl_config("transformer", config_dir))
+    finally:
+        torch.set_default_dtype(default)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=AutoencoderKL.from_config(sdxl_config("vae", config_dir)),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(sdxl_config("scheduler", config_dir)),
+        tokenizer=char_tokenizer(), tokenizer_2=char_tokenizer(), text_encoder_3=None, tokenizer_3=None, **text)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_char_vocab(os.path.join(out_dir, folder))
+    return out_dir
+
+
+def stored_parameters(folder):
+    """Parameters in a model folder's safetensors files, read from their headers (nothing is loaded)."""
+    import glob
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
 def build_teacher(out_dir, args, resolution):
     """lcm_utils.tiny's teacher (tokenizer, scheduler, layout); UNet, text encoder and VAE replaced when the
     shape flags differ from the tiny one. The replaced parts are saved over the tiny ones."""
@@ -146,6 +193,9 @@ def add_teacher_flags(parser, default_channels):
     add_shape_flags(parser, default_channels)
     parser.add_argument("--sdxl_shape", action="store_true",
                         help="Build an SDXL-shaped teacher (random weights) from benchmarks/configs/sdxl.")
+    parser.add_argument("--sd35_large_shape", action="store_true",
+                        help="Build an SD3.5 Large-shaped teacher (random weights, no T5) from "
+                             "benchmarks/configs/sd35_large.")
 
 
 def peak_memory():
@@ -163,6 +213,8 @@ def teacher_for(args, tmp):
         return args.teacher
     if args.sdxl_shape:
         return build_sdxl_shaped_teacher(os.path.join(tmp, "teacher"))
+    if getattr(args, "sd35_large_shape", False):
+        return build_sd3_shaped_teacher(os.path.join(tmp, "teacher"))
     return build_teacher(os.path.join(tmp, "teacher"), args, args.resolution)
 
 
@@ -178,7 +230,7 @@ def worker(kind, train_args):
         """Skip writing the final weights: only the training peak is measured (an SD UNet pair is 7 GB); time
         each optimizer step (the logged loss's .item() synchronises a GPU once a step)."""
 
-        def export(self, output_dir):
+        def export(self, output_dir, weights):
             return ""
 
         def update_target(self, gate=None):
@@ -201,7 +253,8 @@ def worker(kind, train_args):
             super().build(teacher, args, weight_dtype)
 
         def teacher_forward(self, z, t, cond):
-            return self.teacher_copy(z, t, **cond).sample
+            z, cond = self.inputs(self.teacher_copy.dtype, z, cond)
+            return self.family.denoise(self.teacher_copy, z, t, cond)
 
     method = {"lora": Lora, "full": Full, "lora_second_teacher": LoraWithSecondTeacher}[kind]
     main(method, kind, train_args)
@@ -221,6 +274,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                        help="Which rows to run (full distillation of SD3.5 Large does not fit one 141 GB GPU).")
     args = resolve_shape(parser.parse_args())
 
     from lcm_utils.tiny import build_image_folder
@@ -229,7 +284,7 @@ def main():
         teacher = teacher_for(args, tmp)
         images = build_image_folder(os.path.join(tmp, "images"), num_images=16, size=args.resolution)
         results = {}
-        for kind in CONFIGS:
+        for kind in args.configs:
             train_args = ["--pretrained_teacher_model", teacher, "--train_data_dir", images,
                           "--output_dir", os.path.join(tmp, kind), "--resolution", str(args.resolution),
                           "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.steps),
@@ -245,17 +300,21 @@ def main():
             if proc.returncode or not lines:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
             results[kind] = json.loads(lines[0][len("RESULT "):])
-        from diffusers import UNet2DConditionModel
+        from lcm_utils.families import family_at
 
-        n_params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").parameters())
+        family = family_at(teacher)
+        n_params = stored_parameters(os.path.join(teacher, family.denoiser_folder))
         with open(os.path.join(teacher, "vae", "config.json")) as f:
             latent = args.resolution // 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-    unit = results["lora"]["unit"]
-    print(f"UNet parameters: {n_params / 1e6:.1f} M; batch {args.train_batch_size} at {args.resolution} px "
-          f"({latent}x{latent} latents); LoRA rank {args.lora_rank}; mixed precision {args.mixed_precision}; {unit}")
-    print(f"{'configuration':<24}{'peak MiB':>12}{'vs LoRA':>10}{'samples/s':>12}")
-    base = results["lora"]["peak_bytes"]
-    for kind in CONFIGS:
+    unit = next(iter(results.values()))["unit"]
+    # "UNet parameters" keeps the line gpu_check.sh greps for; the denoiser is named after it.
+    print(f"UNet parameters: {n_params / 1e6:.1f} M ({family.denoiser_class_name}); batch {args.train_batch_size} at "
+          f"{args.resolution} px ({latent}x{latent} latents); LoRA rank {args.lora_rank}; mixed precision "
+          f"{args.mixed_precision}; {unit}")
+    versus = "vs LoRA" if args.configs[0] == "lora" else f"vs {args.configs[0]}"
+    print(f"{'configuration':<24}{'peak MiB':>12}{versus:>10}{'samples/s':>12}")
+    base = results[args.configs[0]]["peak_bytes"]
+    for kind in args.configs:
         peak, speed = results[kind]["peak_bytes"], results[kind]["samples_per_s"]
         speed = f"{speed:.2f}" if speed else "-"
         print(f"{kind:<24}{peak / 2**20:>12.0f}{peak / base:>10.2f}{speed:>12}")

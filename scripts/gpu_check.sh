@@ -4,7 +4,8 @@
 # under PyTorch's sync debug mode (scripts/sync_check.py), FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs, then the
 # three benchmarks (teacher batching, throughput, memory) at Stable Diffusion 1.5's shapes and the memory/speed one at SDXL's
 # shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
-# saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out).
+# saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out), and the LoRA memory rows
+# at SD3.5 Large's shapes, after an 8.1 B-parameter random teacher (GPU_CHECK_NO_SD35=1 leaves it out).
 #
 #   OUT=/some/folder bash scripts/gpu_check.sh
 #
@@ -337,6 +338,14 @@ s_sdxl_memory() {  # LoRA, full and LoRA + second teacher copy at SDXL's shapes:
     python3 benchmarks/lora_memory.py --sdxl_shape --resolution 1024 --train_batch_size 1 --steps 6 \
         --mixed_precision fp16
 }
+s_sd35_memory() {  # LoRA (the teacher shares the student's transformer) and LoRA + a second teacher copy at SD3.5
+    # Large's shapes (8.1 B parameters, no T5: add 9.5 GB for T5-XXL in bf16): peak memory and samples/s
+    if [ "$SMALL" = 1 ]; then
+        echo "sd35_memory: needs CUDA (an 8.1 B-parameter transformer)"; return 0
+    fi
+    python3 benchmarks/lora_memory.py --sd35_large_shape --resolution 1024 --train_batch_size 1 --steps 4 \
+        --mixed_precision bf16 --configs lora lora_second_teacher
+}
 s_batching() {
     if [ "$SMALL" = 1 ]; then
         python3 benchmarks/teacher_batching.py --unet_channels 32,64 --layers_per_block 2 --cross_attention_dim 64 \
@@ -377,7 +386,7 @@ s_throughput() {
     fi 2>&1 | tee "$W/throughput.log"
 }
 export -f step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_sdxl_memory s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
+    s_losses s_sample s_lora_memory s_sdxl_memory s_sd35_memory s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
 
 main() {
     RESULTS=()
@@ -402,6 +411,7 @@ main() {
     step throughput 240 s_throughput
     ( RESULTS=(); step lora_memory 180 s_lora_memory > "$W/lora_memory.log" 2>&1
       [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || step sdxl_memory 420 s_sdxl_memory >> "$W/lora_memory.log" 2>&1
+      [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || step sd35_memory 480 s_sd35_memory >> "$W/lora_memory.log" 2>&1
       printf '%s\n' "${RESULTS[@]}" > "$W/lora_memory.result" ) &
     local bench_pid=$!
 

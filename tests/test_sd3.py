@@ -186,6 +186,18 @@ def test_both_scripts_train_every_objective_and_the_output_loads_in_the_stock_pi
     sample = pipe("a red square", num_inference_steps=2, guidance_scale=1.0, height=RESOLUTION, width=RESOLUTION,
                   generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.isfinite(sample).all()
+    if objective == "pcm":  # scripts/sample.py, one step included: the exported shift_terminal cannot take one
+        import subprocess
+        import sys
+
+        from conftest import ROOT, script_env
+
+        grid = str(tmp_path / "grid.png")
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--model", out,
+                                 "--steps", "1", "2", "--out", grid, "--device", "cpu"], env=script_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and os.path.isfile(grid), result.stderr[-2000:]
+        assert "StableDiffusion3Pipeline; pcm with FlowMatchEulerDiscreteScheduler" in result.stdout
 
 
 def test_the_lora_loads_and_fuses_in_fp16_and_bf16_with_no_conversion(sd3_assets, tmp_path):
@@ -222,6 +234,18 @@ def test_full_sd3_resumes_exactly(sd3_assets, tmp_path):
         a = load_file(os.path.join(straight, sub, "diffusion_pytorch_model.safetensors"))
         b = load_file(os.path.join(resumed, sub, "diffusion_pytorch_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_a_resume_with_other_text_encoders_is_refused(sd3_assets, tmp_path):
+    """The checkpoint records which text encoders conditioned it: resuming with(out) --without_t5 is refused in one
+    line, in a dry run too."""
+    out = str(tmp_path / "out")
+    check_ok(launch("train_lcm_lora.py", sd3_args(sd3_assets, out, lora_rank=4, max_train_steps=2,
+                                                  checkpointing_steps=2)))
+    result = launch("train_lcm_lora.py", sd3_args(sd3_assets, out, lora_rank=4, max_train_steps=3, without_t5=True,
+                                                  resume_from_checkpoint="latest", dry_run=True), quiet=True)
+    assert result.returncode != 0 and "encoded by text_encoder, text_encoder_2, text_encoder_3" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_sd3_from_precomputed_shards_equals_encoding_on_the_fly(sd3_assets, tmp_path):
@@ -288,3 +312,34 @@ def test_sd3_trains_under_fsdp_and_deepspeed_with_the_shipped_configs(sd3_assets
                                      **lora), num_processes=2, engine=engine))
     weights = "transformer" if script == "train_lcm_distill.py" else "pytorch_lora_weights.safetensors"
     assert os.path.exists(os.path.join(out, weights))
+
+
+def test_the_sd35_large_configs_pass_the_family_checks(tmp_path, monkeypatch):
+    """SD3.5 Large's component configs (benchmarks/configs/sd35_large, what --sd35_large_shape builds) are read as
+    SD3 and agree with each other; the transformer they describe has SD3.5 Large's 8.1 B parameters."""
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    from lcm_utils.config import check_teacher
+    from lcm_utils.training import build_parser
+    from train_lcm_lora import LoraDistillation
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs",
+                           "sd35_large")
+    folder = tmp_path / "sd35-large-configs"
+    for sub, name in (("transformer", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                      ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json"),
+                      ("tokenizer", None), ("tokenizer_2", None)):
+        (folder / sub).mkdir(parents=True)
+        if name:
+            shutil.copy(os.path.join(configs, f"{sub}_config.json"), folder / sub / name)
+    args = build_parser(LoraDistillation, "x").parse_args(["--pretrained_teacher_model", str(folder),
+                                                           "--resolution", "1024"])
+    scheduler_cfg, vae_cfg = check_teacher(args)
+    assert scheduler_cfg["shift"] == 3.0 and vae_cfg["shift_factor"] == 0.0609
+    assert family_at(str(folder)) is StableDiffusion3
+    config = json.load(open(os.path.join(configs, "transformer_config.json")))
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(config)
+    assert 8.0e9 < sum(p.numel() for p in transformer.parameters()) < 8.3e9

@@ -200,6 +200,11 @@ def check_resume_teacher(args):
         raise ConfigError(f"--resume_from_checkpoint: {was} ({recorded['family']}); {now} is {ours['family']}: a "
                           f"student cannot change family; resume with the teacher it was trained against, or start "
                           f"a new --output_dir")
+    if recorded.get("text_encoders", ours["text_encoders"]) != ours["text_encoders"]:
+        raise ConfigError(f"--resume_from_checkpoint: {was} with the prompts encoded by "
+                          f"{', '.join(recorded['text_encoders'])}; this run encodes them with "
+                          f"{', '.join(ours['text_encoders'])}; resume with the text-encoder flags it was trained "
+                          f"with (--without_t5)")
     if args.allow_teacher_change:
         return
     if recorded["denoiser_config"] != ours["denoiser_config"]:

@@ -129,4 +129,5 @@ def teacher_identity(args):
     family = family_of(config)
     return {"teacher": path, "family": family.name, "denoiser_config": config_fingerprint(config),
             "prediction_type": family.prediction_type(family.noise_scheduler_config(path, src)),
-            "weights": weights_fingerprint(path, family.denoiser_folder, **src)}
+            "weights": weights_fingerprint(path, family.denoiser_folder, **src),
+            "text_encoders": family.text_folders(path, args.without_t5)}

@@ -97,16 +97,17 @@ def load_teacher_denoiser(args, family_cls=None):
     return family_cls.load_denoiser(args.pretrained_teacher_model, pretrained_source(args))
 
 
-def load_teacher(args, device, weight_dtype, encoders_device=None):
+def load_teacher(args, device, weight_dtype, encoders_device=None, denoiser_dtype=torch.float32):
     """Load scheduler, text encoders, VAE and denoiser, frozen; dtypes as described in the README. The VAE and text
-    encoders go to `encoders_device` (default `device`): the CPU when training from precomputed shards."""
+    encoders go to `encoders_device` (default `device`): the CPU when training from precomputed shards. The
+    denoiser reaches `device` already in `denoiser_dtype`: a cast LoRA base never holds fp32 weights there."""
     src, path = pretrained_source(args), args.pretrained_teacher_model
     family_cls = teacher_family(args)
     noise_scheduler = family_cls.load_noise_scheduler(path, src)
     family, vae = load_encoders(args, device if encoders_device is None else encoders_device, weight_dtype)
     denoiser = family_cls.load_denoiser(path, src)
-    # The denoiser stays fp32 here: the student is copied from it first; cast_teacher_unet applies afterwards.
-    denoiser.requires_grad_(False).eval().to(device, dtype=torch.float32)
+    # fp32 unless the method says otherwise: a full student is copied from it first, cast_teacher_unet afterwards.
+    denoiser.requires_grad_(False).eval().to(device, dtype=denoiser_dtype)
     return Teacher(noise_scheduler, family, vae, denoiser)
 
 

@@ -32,6 +32,12 @@ class DistillationMethod:
         self.objective = make_objective(args.objective, args.num_phases, args.tcd_gamma)
         self.build(teacher, args, weight_dtype)
 
+    def teacher_load_dtype(self, args, weight_dtype):
+        """The dtype the teacher's denoiser is moved to the device in (fp32: the full student copies its weights)."""
+        import torch
+
+        return torch.float32
+
     def build(self, teacher, args, weight_dtype):
         """Set self.student (its trainable weights fp32) and the target; cast the teacher per --cast_teacher_unet."""
         raise NotImplementedError

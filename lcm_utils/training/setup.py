@@ -73,7 +73,8 @@ def build_models(run, stream):
     validation) and build the method's student and target, with the run's attention, layout and compilation."""
     args, method, device = run.args, run.method, run.accelerator.device
     with frozen_loading(run.accelerator):
-        teacher = load_teacher(args, device, run.weight_dtype, torch.device("cpu") if stream.precomputed else device)
+        teacher = load_teacher(args, device, run.weight_dtype, torch.device("cpu") if stream.precomputed else device,
+                               method.teacher_load_dtype(args, run.weight_dtype))
     if stream.precomputed:
         teacher.family.set_unconditional_text(stream.unconditional_text, device)
     method.setup(teacher, args, run.weight_dtype)
