@@ -112,7 +112,8 @@ def sample_latents(pipe, prompts, noise, steps, guidance_scale, seed=0, chunk=12
     given, pipe.scheduler = pipe.scheduler, scheduler_at(pipe.scheduler, steps)
     try:
         for start in range(0, len(prompts), chunk):
-            z = noise[start:start + chunk].to(device) * pipe.scheduler.init_noise_sigma
+            # Flow-matching schedulers start at sigma 1 and have no init_noise_sigma.
+            z = noise[start:start + chunk].to(device) * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
             g = torch.Generator(device).manual_seed(seed + start)
             res = pipe(list(prompts[start:start + chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
                        latents=z, height=size, width=size, output_type="latent", generator=g, **(call_kwargs or {}))
