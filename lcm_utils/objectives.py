@@ -240,9 +240,12 @@ class PCM(TCD):
         return phase_edge(start, schedule.phase_edges(self.num_phases))
 
     def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps, kind="diffusion", shift=None):
-        if kind == "flow":  # Euler with M steps then visits exactly the edges (FlowSchedule.phase_edges)
+        if kind == "flow":  # Euler with M steps then visits exactly the edges (FlowSchedule.phase_edges), whatever
+            # other grid the teacher's config asks for
             terminal = flow_euler_terminal(self.num_phases, shift)
-            return {} if terminal is None else {"shift_terminal": terminal}
+            plain = {name: False for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                              "invert_sigmas", "stochastic_sampling")}
+            return {**plain, "shift_terminal": terminal}
         return super().scheduler_overrides(timestep_scaling, num_ddim_timesteps)
 
     def sampling_note(self, kind="diffusion"):

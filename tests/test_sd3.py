@@ -168,6 +168,8 @@ def test_both_scripts_train_every_objective_and_the_output_loads_in_the_stock_pi
     check_ok(launch(script, sd3_args(sd3_assets, out, teacher, objective=objective, num_phases=2, max_train_steps=2,
                                      validation_steps=2, without_t5=without_t5, **lora)))
     assert os.path.isfile(os.path.join(out, "validation", "step-000002.png"))
+    metrics = json.loads(open(os.path.join(out, "validation", "metrics.jsonl")).read().splitlines()[-1])
+    assert metrics["reference"] == "teacher Euler 50 steps, guidance 11"  # the middle of w in [5, 15], plus 1
     config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
     assert config["_class_name"] == {"lcm": "FlowMatchLCMScheduler"}.get(objective, "FlowMatchEulerDiscreteScheduler")
     assert config.get("shift_terminal") == (0.75 if objective == "pcm" else None)

@@ -33,6 +33,7 @@ class StableDiffusion:
     noise_scheduler_class_name = "DDPMScheduler"  # holds the schedule the solver reads (alphas_cumprod)
     schedule_kind = "diffusion"  # objectives.SCHEDULES: the solver's schedule and the samplers exported
     reference_scheduler_class_name = "DDIMScheduler"  # the teacher's own sampler that validation compares with
+    reference_sampler_name = "DDIM"  # that sampler in words
     lora_target_modules = UNET_LORA_TARGETS  # --lora_target_modules when the flag is not given
     lora_weights_file = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights reads
     card_tags = ("stable-diffusion",)

@@ -30,7 +30,7 @@ class StableDiffusion3(StableDiffusion):
     denoiser_folder, denoiser_class_name = "transformer", "SD3Transformer2DModel"
     noise_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     schedule_kind = "flow"
-    reference_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    reference_scheduler_class_name, reference_sampler_name = "FlowMatchEulerDiscreteScheduler", "Euler"
     lora_target_modules = SD3_LORA_TARGETS
     card_tags = ("stable-diffusion-3", "sd3")
     pipeline_loading_kwargs = {}

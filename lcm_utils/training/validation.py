@@ -18,7 +18,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a red sports car on a mountain road",
     "a bowl of fruit on a wooden table",
 ]
-REFERENCE_STEPS = 50  # the teacher's DDIM sampler that validation compares the student's samples with
+REFERENCE_STEPS = 50  # the teacher's own sampler (DDIM, Euler) that validation compares the student's samples with
 METRICS_FILE = "metrics.jsonl"  # under output_dir/validation: one line per validation
 
 
@@ -90,13 +90,14 @@ def run_validation(run, teacher, step):
         log_grid(acc, grid, step)
         metrics = {n: float(np.mean(d)) for n, d in distances.items()}
         acc.log({f"validation/teacher_rmse_{n}_steps": value for n, value in metrics.items()}, step=step)
-        record_validation_metrics(args.output_dir, step, metrics, guidance, run.method.reference_guidance(args))
+        record_validation_metrics(args.output_dir, step, metrics, guidance, run.method.reference_guidance(args),
+                                  teacher.family.reference_sampler_name)
     acc.wait_for_everyone()
 
 
-def record_validation_metrics(output_dir, step, metrics, guidance, reference_guidance):
+def record_validation_metrics(output_dir, step, metrics, guidance, reference_guidance, sampler="DDIM"):
     """Append this validation's metrics to validation/metrics.jsonl (the model card shows the last line)."""
-    line = {"step": step, "guidance_scale": guidance, "reference": f"teacher DDIM {REFERENCE_STEPS} steps, "
+    line = {"step": step, "guidance_scale": guidance, "reference": f"teacher {sampler} {REFERENCE_STEPS} steps, "
             f"guidance {reference_guidance:g}", "teacher_rmse": {str(n): v for n, v in metrics.items()}}
     with open(os.path.join(output_dir, "validation", METRICS_FILE), "a") as f:
         f.write(json.dumps(line) + "\n")
