@@ -152,6 +152,11 @@ class StableDiffusion:
         return student.to(dtype=torch.float32)
 
     @staticmethod
+    def guidance_note(w_min, w_max):
+        """A warning when the distilled guidance w + 1 lies outside what this family samples with (None: fine)."""
+        return None
+
+    @staticmethod
     def guidance_embedding_dim(student):
         """Width of the student's w-embedding input (None: the student takes no w)."""
         return student.config.time_cond_proj_dim

@@ -2,9 +2,9 @@
 
 Three text encoders, as `StableDiffusion3Pipeline.encode_prompt`: CLIP-L and CLIP-G (penultimate hidden states
 concatenated, zero-padded to T5's width; pooled outputs concatenated) and T5, whose tokens follow CLIP's on the
-sequence axis. Without T5 (a folder without `text_encoder_3/`) its part is zeros, as the pipeline makes it. The
-transformer has no guidance input, so a student never takes w (see docs/families.md for the guidance to sample
-with). Every size is read from the configs.
+sequence axis. Without T5 (a folder without `text_encoder_3/`, or --without_t5) its part is zeros, as the
+pipeline makes it. The transformer has no guidance input, so a student never takes w (see docs/families.md for
+the guidance to sample with). Every size is read from the configs.
 """
 
 import os
@@ -109,6 +109,13 @@ class StableDiffusion3(StableDiffusion):
     @staticmethod
     def guidance_embedding_dim(student):
         return None
+
+    @staticmethod
+    def guidance_note(w_min, w_max):
+        if 3.0 <= w_min + 1 and w_max + 1 <= 8.0:
+            return None
+        return (f"w in [{w_min:g}, {w_max:g}] distils guidance_scale {w_min + 1:g} to {w_max + 1:g} into the student; "
+                f"SD3 samples at guidance_scale 4 to 7: set --w_min/--w_max (the SD3 presets use 3 to 6)")
 
     @staticmethod
     def denoise(model, z, t, cond, w_embedding=None):

@@ -138,13 +138,15 @@ def summary(args, teacher, acc, precomputed=False):
     vae = args.pretrained_vae_model_name_or_path or "the teacher's vae/"
     vae_param = next(teacher.vae.parameters())
     vae_use = "validation only" if precomputed else "encodes every batch"
+    note = teacher.family.guidance_note(args.w_min, args.w_max)  # a guidance range the family does not sample at
+    warning = f"\nwarning:   {note}" if note else ""
     return (f"teacher:   {args.pretrained_teacher_model} ({teacher.family.name}, {teacher.prediction_type})\n"
             f"vae:       {vae} ({str(vae_param.dtype).replace('torch.', '')} on {vae_param.device.type}, "
             f"{vae_use})\n"
             f"data:      {data}\n"
             f"batch:     {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
             f"{acc.num_processes} process(es){engine}, {args.resolution} px, {precision} on {acc.device.type}\n"
-            f"output:    {args.output_dir} (every flag in training_config.yaml)")
+            f"output:    {args.output_dir} (every flag in training_config.yaml){warning}")
 
 
 def tracker_config(args):
