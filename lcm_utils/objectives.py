@@ -43,7 +43,15 @@ from .consistency import (
 class Schedule:
     """What the objectives read of a teacher's schedule: z_t = alpha_t x0 + sigma_t eps at the times t its
     denoiser takes, the solver grid, and the points its samplers visit. A subclass gives alpha_sigma, intervals,
-    point and phase_edges; the consistency functions below are the same on every schedule."""
+    point and edges_for; the consistency functions below are the same on every schedule."""
+
+    def phase_edges(self, num_phases):
+        """PCM's phase edges [M] ascending, 0 first, on the training device; computed once per phase count (the
+        loss asks every step)."""
+        cache = self.__dict__.setdefault("_edges", {})
+        if num_phases not in cache:
+            cache[num_phases] = self.edges_for(num_phases).to(self.grid.device)
+        return cache[num_phases]
 
     def f_theta(self, raw_output, z, t):
         """Consistency function c_skip(t) z + c_out(t) x0(raw_output) (LCM eq. 9)."""
@@ -90,7 +98,7 @@ class SolverSchedule(Schedule):
         """z_t = alpha_t x0 + sigma_t eps: the DDIM step (eta 0) to t."""
         return ddim_step(x0, eps, self.alphas_cumprod, t)
 
-    def phase_edges(self, num_phases):
+    def edges_for(self, num_phases):
         return phase_edges(self.grid.cpu(), num_phases)
 
 
@@ -132,7 +140,7 @@ class FlowSchedule(Schedule):
     def point(self, x0, eps, t):
         return flow_point(x0, eps, self.alpha_sigma(t, x0.ndim)[1])
 
-    def phase_edges(self, num_phases):
+    def edges_for(self, num_phases):
         return flow_phase_edges(num_phases, self.shift, self.num_train_timesteps, self.sigma_max, self.sigma_min)
 
 

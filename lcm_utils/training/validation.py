@@ -31,10 +31,9 @@ def autocast_for(run):
 
 @torch.no_grad()
 def teacher_references(run, teacher, prompts, guidance):
-    """The teacher's own samples [1, C, h, w] of the validation prompts from the grid's seeds: DDIM (Euler on a flow
-    schedule) with
-    REFERENCE_STEPS steps and CFG at `guidance`, on a fresh copy of its denoiser (the one in training may be cast
-    or carry adapters). Computed once per run: the teacher is frozen."""
+    """The teacher's own samples [1, C, h, w] of the validation prompts from the grid's seeds: its own sampler (DDIM,
+    Euler on a flow schedule) with REFERENCE_STEPS steps and CFG at `guidance`, on a fresh copy of its denoiser (the
+    one in training may be cast or carry adapters). Computed once per run: the teacher is frozen."""
     args, device = run.args, run.accelerator.device
     denoiser = load_teacher_denoiser(args, type(teacher.family))
     pipe = teacher.pipeline(denoiser.to(device).eval(),
