@@ -70,6 +70,9 @@ class FullDistillation(DistillationMethod):
         z, cond = self.inputs(self.target.dtype, z, cond)
         return self.family.denoise(self.target, z, t, cond, self._w_embedding(w, z.dtype))
 
+    def discriminator_backbone(self):
+        return self.teacher_denoiser
+
     def update_target(self, gate=None):
         ema_update_modules(self.target, self.student, self.ema_decay, gate)
 

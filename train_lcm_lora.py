@@ -110,6 +110,9 @@ class LoraDistillation(DistillationMethod):
         return self.family.denoise(lambda *a, **k: torch.func.functional_call(self.student, self.ema, a, k), z, t,
                                    cond)
 
+    def discriminator_backbone(self):
+        return self.student  # the teacher pass is this UNet with its adapters off
+
     def update_target(self, gate=None):
         if self.ema is not None:
             online = self.lora_state()

@@ -42,23 +42,7 @@ def score(pipe, latents, reference, captions, real_feats):
     adherence = shapes.adherence(images, captions)
     return {"endpoint": ev.endpoint_error(latents, reference), "both": adherence["both"],
             "color": adherence["color"], "shape": adherence["shape"],
-            "fd": shapes.frechet_distance(shapes.image_features(images), real_feats)}
-
-
-def student_spec(item, parser):
-    """'NAME=KIND:PATH[,eta=X]' -> (name, kind, path, eta or None)."""
-    name, _, spec = item.partition("=")
-    kind, _, rest = spec.partition(":")
-    path, _, option = rest.partition(",eta=")
-    if not name or kind not in ("full", "lora") or not path:
-        parser.error(f"--student wants NAME=KIND:PATH[,eta=X] with KIND full or lora, got {item!r}")
-    try:
-        eta = float(option) if option else None
-    except ValueError:
-        eta = -1.0
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        parser.error(f"--student {item!r}: eta must be a number in [0, 1]")
-    return name, kind, path, eta
+            "fd": ev.frechet_distance(shapes.image_features(images), real_feats)}
 
 
 def teacher_row_name(rows):
@@ -141,12 +125,6 @@ def teacher_samplers(teacher):
     return "DDIM", {sp: ev.ddim(teacher, sp) for sp in ("leading", "trailing")}
 
 
-def takes_guidance(pipe):
-    """Whether the pipeline's denoiser takes w (a full SD student's w-embedding): then guidance_scale feeds it, and
-    no CFG pass runs; without it a distilled student samples at guidance_scale 1."""
-    return getattr(ev.pipeline_denoiser(pipe).config, "time_cond_proj_dim", None) is not None
-
-
 def teacher_rows(args, teacher, captions, noise, real_images, real_feats, steps, started):
     """(reference latents, reference scores, rows) of the teacher (its own sampler + CFG; DDIM: best spacing) and
     the untrained student: what every student is measured against."""
@@ -155,12 +133,12 @@ def teacher_rows(args, teacher, captions, noise, real_images, real_feats, steps,
                                   scheduler=next(iter(schedulers.values())))
     refs = {f"{sampler}-50 (reference)": score(teacher, reference, reference, captions, real_feats)}
     other_real = shapes.image_features([im for im, _ in shapes.samples("reference", args.num_prompts)])
-    refs["real vs real"] = {"fd": shapes.frechet_distance(other_real, real_feats)}
+    refs["real vs real"] = {"fd": ev.frechet_distance(other_real, real_feats)}
     with torch.no_grad():
         recon_latents = teacher.vae.encode(ev.to_pixels(real_images).to(args.device)).latent_dist.mean
     recon = ev.decode(teacher, to_latent_space(recon_latents, teacher.vae.config.scaling_factor,
                                                getattr(teacher.vae.config, "shift_factor", None)))
-    refs["VAE reconstruction"] = {"fd": shapes.frechet_distance(shapes.image_features(recon), real_feats),
+    refs["VAE reconstruction"] = {"fd": ev.frechet_distance(shapes.image_features(recon), real_feats),
                                   **shapes.adherence(recon, captions)}
     print(f"reference done ({time.time() - started:.0f}s)", flush=True)
 
@@ -176,7 +154,7 @@ def teacher_rows(args, teacher, captions, noise, real_images, real_feats, steps,
             rows[name][s]["spacing"] = best
     print(f"teacher done ({time.time() - started:.0f}s)", flush=True)
     untrained = ev.load_untrained_student_pipeline(teacher)  # what training adds is measured against this
-    scale = args.guidance_scale if takes_guidance(untrained) else 1.0
+    scale = args.guidance_scale if ev.takes_guidance(untrained) else 1.0
     rows[UNTRAINED] = {s: score(untrained, ev.sample_latents(untrained, captions, noise, s, scale, seed=args.seed),
                                 reference, captions, real_feats)
                        for s in steps}
@@ -225,12 +203,12 @@ def main():
     family = family_at(args.teacher)
     setattr(teacher, family.denoiser_folder, None)  # the students bring their own
     students = [("LCM (full)", "full", args.full, None), ("LCM-LoRA", "lora", args.lora, None)] + [
-        student_spec(item, p) for item in args.student]
+        ev.student_spec(item, p.error) for item in args.student]
     for name, kind, path, eta in students:
         if not path:
             continue
         student = ev.load_student_pipeline(args.teacher, path, kind, args.device)
-        scale = args.guidance_scale if takes_guidance(student) else args.lora_guidance_scale
+        scale = args.guidance_scale if ev.takes_guidance(student) else args.lora_guidance_scale
         sampler = ev.output_sampling_kwargs(path, family.schedule_kind)  # TCD: the run's gamma as eta; PCM: eta 0
         if eta is not None:
             if "eta" not in sampler:

@@ -11,6 +11,9 @@ References (cited in the docstrings):
         phase edge).
   RF    Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3),
         arXiv 2403.03206 (eq. 1 and §2: z_t = (1 - t) x0 + t eps, v = eps - x0; §5.3.2: timestep shifting).
+  VDM   Kingma et al. 2021, "Variational Diffusion Models", arXiv 2107.00630 (§3.1: the forward transition
+        q(z_t | z_s) between two noise levels).
+  GGAN  Lim & Ye 2017, "Geometric GAN", arXiv 1705.02894 (the hinge loss of the discriminator).
 
 Conventions: T = num_train_timesteps, N = num_ddim_timesteps, k = T // N, acp = alphas_cumprod [T],
 alpha_t = sqrt(acp[t]), sigma_t = sqrt(1 - acp[t]), so z_t = alpha_t * x0 + sigma_t * eps.
@@ -30,7 +33,7 @@ __all__ = [
     "cfg_combine", "ddim_step", "consistency_output", "trajectory_consistency", "sample_trajectory_points",
     "phase_edges", "phase_edge", "l2_loss", "pseudo_huber_loss", "LOSSES", "ema_update",
     "flow_shift", "flow_alpha_sigma", "flow_point", "sample_grid_intervals", "flow_euler_terminal",
-    "flow_phase_edges",
+    "flow_phase_edges", "forward_transition", "hinge_discriminator_loss", "hinge_generator_loss",
 ]
 
 
@@ -369,6 +372,33 @@ def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, huber_c: float) 
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"l2": l2_loss, "huber": pseudo_huber_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# The adversarial term (PCM's "adversarial consistency loss"; optional, --adv_weight)
+# ---------------------------------------------------------------------------------------------
+
+def forward_transition(z_s: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor, alpha_u: torch.Tensor,
+                       sigma_u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z_u ~ q(z_u | z_s) for a later time u (VDM §3.1): (alpha_u / alpha_s) z_s + sigma_{u|s} eps with
+    sigma_{u|s}^2 = sigma_u^2 - (alpha_u / alpha_s)^2 sigma_s^2. From a clean x0 (alpha_s 1, sigma_s 0) it is
+    alpha_u x0 + sigma_u eps; at u = s it is z_s. Scalings broadcast against z_s [B, ...]."""
+    ratio = alpha_u / alpha_s
+    return ratio * z_s + torch.sqrt((sigma_u**2 - (ratio * sigma_s) ** 2).clamp(min=0.0)) * noise
+
+
+def hinge_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """mean(relu(1 - D(real))) + mean(relu(1 + D(fake))) (GGAN), averaged over the heads' patch logits: scalar.
+    0 once every real logit is >= 1 and every fake one <= -1; 2 for a discriminator that outputs 0."""
+    terms = [F.relu(1.0 - real.float()).mean() + F.relu(1.0 + fake.float()).mean()
+             for real, fake in zip(real_logits, fake_logits, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def hinge_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """mean(relu(1 - D(fake))), averaged over the heads (the generator side of PCM's adversarial consistency loss:
+    it stops pushing a sample the discriminator already scores as real by the margin): scalar."""
+    return torch.stack([F.relu(1.0 - fake.float()).mean() for fake in fake_logits]).mean()
 
 
 # ---------------------------------------------------------------------------------------------

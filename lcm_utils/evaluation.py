@@ -78,6 +78,29 @@ def load_untrained_student_pipeline(teacher_pipe):
     return pipe.to(teacher_pipe.device)
 
 
+def student_spec(item, error):
+    """'NAME=KIND:PATH[,eta=X]' (the benchmarks' --student) -> (name, kind, path, eta or None); error(message) on a
+    malformed one (an argparse parser's error)."""
+    name, _, spec = item.partition("=")
+    kind, _, rest = spec.partition(":")
+    path, _, option = rest.partition(",eta=")
+    if not name or kind not in ("full", "lora") or not path:
+        error(f"--student wants NAME=KIND:PATH[,eta=X] with KIND full or lora, got {item!r}")
+    try:
+        eta = float(option) if option else None
+    except ValueError:
+        eta = -1.0
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        error(f"--student {item!r}: eta must be a number in [0, 1]")
+    return name, kind, path, eta
+
+
+def takes_guidance(pipe):
+    """Whether the pipeline's denoiser takes w (a full SD student's w-embedding): then guidance_scale feeds it, and
+    no CFG pass runs; without it a distilled student samples at guidance_scale 1."""
+    return getattr(pipeline_denoiser(pipe).config, "time_cond_proj_dim", None) is not None
+
+
 def scheduler_at(scheduler, steps):
     """`scheduler`, or for one step a copy without shift_terminal: diffusers' flow-matching schedulers divide by zero
     when they stretch a one-point grid to it (and the stretch would move nothing: one step starts at sigma 1)."""
@@ -204,6 +227,21 @@ def to_pixels(images):
     """PIL images -> [N, 3, H, W] float in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _sqrt_psd(m):
+    vals, vecs = np.linalg.eigh((m + m.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def frechet_distance(feats_a, feats_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) (Heusel et al. 2017, eq. 6): [N, D], [M, D]."""
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+    root_a = _sqrt_psd(s_a)
+    cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+    trace_root = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_root)
 
 
 def endpoint_error(latents, reference):

@@ -29,6 +29,7 @@ from .consistency import (
     flow_euler_terminal,
     flow_phase_edges,
     flow_point,
+    forward_transition,
     phase_edge,
     phase_edges,
     predicted_eps,
@@ -68,6 +69,14 @@ class Schedule:
         eps = predicted_eps(raw_output, z, alpha, sigma, self.prediction_type)
         return self.point(x0, eps, s)
 
+    def renoise(self, x, point, u, noise):
+        """x at time `point` [B] (None: a clean x0) noised forward to the later times u [B]: q(z_u | z_point)."""
+        alpha_u, sigma_u = self.alpha_sigma(u, x.ndim)
+        if point is None:
+            return alpha_u * x + sigma_u * noise
+        alpha_s, sigma_s = self.alpha_sigma(point, x.ndim)
+        return forward_transition(x, alpha_s, sigma_s, alpha_u, sigma_u, noise)
+
 
 @dataclass
 class SolverSchedule(Schedule):
@@ -100,6 +109,11 @@ class SolverSchedule(Schedule):
 
     def edges_for(self, num_phases):
         return phase_edges(self.grid.cpu(), num_phases)
+
+    def draw_times(self, low, high, generator):
+        """A timestep u ~ U{low, ..., high - 1} per sample (low where high = low): [B], [B] -> [B] long."""
+        r = torch.rand(low.shape, generator=generator, device=generator.device).to(low.device)
+        return low + (r * (high - low).float()).long()
 
 
 @dataclass
@@ -143,6 +157,11 @@ class FlowSchedule(Schedule):
     def edges_for(self, num_phases):
         return flow_phase_edges(num_phases, self.shift, self.num_train_timesteps, self.sigma_max, self.sigma_min)
 
+    def draw_times(self, low, high, generator):
+        """A time u ~ U[low, high) per sample: [B], [B] -> [B] float."""
+        r = torch.rand(low.shape, generator=generator, device=generator.device).to(low.device)
+        return low + r * (high - low)
+
 
 SCHEDULES = {"diffusion": SolverSchedule, "flow": FlowSchedule}
 
@@ -162,6 +181,12 @@ class LCM:
 
     def consistency(self, schedule, raw_output, z, t, s):
         return schedule.f_theta(raw_output, z, t)
+
+    def adversarial_span(self, start, point, schedule):
+        """(low, high) [B] each: the times the adversarial term noises a pair's predictions to, from the point they
+        map to (the origin: 0) up to the top of the grid, the one phase of a model that maps everything there."""
+        low = torch.zeros_like(start) if point is None else point
+        return low, schedule.grid[-1].expand_as(start)
 
     flow_scheduler_class_name = "FlowMatchLCMScheduler"  # on a flow schedule: x0 = z - sigma v, then renoise
 
@@ -247,6 +272,14 @@ class PCM(TCD):
     def target_points(self, start, end, schedule, generator):
         return phase_edge(start, schedule.phase_edges(self.num_phases))
 
+    def adversarial_span(self, start, point, schedule):
+        """From the phase's lower edge (the point) to its upper one (the top of the grid for the last phase), as
+        PCM's adversarial loss draws its timestep inside the phase."""
+        edges = schedule.phase_edges(self.num_phases)
+        above = torch.searchsorted(edges, point, right=True)
+        upper = edges[above.clamp(max=len(edges) - 1)]
+        return point, torch.where(above < len(edges), upper, schedule.grid[-1])
+
     def scheduler_overrides(self, timestep_scaling, num_ddim_timesteps, kind="diffusion", shift=None):
         if kind == "flow":  # Euler with M steps then visits exactly the edges (FlowSchedule.phase_edges), whatever
             # other grid the teacher's config asks for
@@ -279,9 +312,27 @@ def stack_conditions(cond, uncond):
     return torch.cat([cond, uncond.expand_as(cond)])
 
 
+@dataclass
+class ConsistencyPair:
+    """Both consistency predictions of a batch: pred (with grad) and target [B, C, h, w], the interval's start [B]
+    and the point both map to [B] (None: the origin)."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    start: torch.Tensor
+    point: torch.Tensor | None
+
+
 def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type, huber_c, generator, objective=None):
     """Latent consistency distillation loss for one batch. z0: [B, C, h, w] scaled latents; w: [B] guidance.
     objective: LCM (default), TCD or PCM: where on the trajectory both predictions map to."""
+    pair = consistency_pair(z0, cond, uncond, w, student, teacher, target, schedule, generator, objective)
+    # 6. Consistency distance d(pred, target): L2 or pseudo-Huber.
+    return LOSSES[loss_type](pair.pred.float(), pair.target.float(), huber_c)
+
+
+def consistency_pair(z0, cond, uncond, w, student, teacher, target, schedule, generator, objective=None):
+    """Steps 1-5 of LCM Algorithm 1 for one batch: the online and the target consistency predictions."""
     objective = objective or LCM()
     # 1. Sample a DDIM interval: start s = t_{n+k} on the grid, end t = t_n = max(s - k, 0).
     start, end = schedule.intervals(z0.shape[0], generator)
@@ -309,6 +360,4 @@ def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type,
 
         # 5. Target consistency prediction f_theta-(z_t, w, c, t), to the same point.
         target_pred = objective.consistency(schedule, target(z_end, end, cond, w), z_end, end, point)
-
-    # 6. Consistency distance d(pred, target): L2 or pseudo-Huber.
-    return LOSSES[loss_type](pred.float(), target_pred.float(), huber_c)
+    return ConsistencyPair(pred, target_pred, start, point)

@@ -160,11 +160,12 @@ class StepHealth:
         self.numbers = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0], device=device)
         self.skipped_seen, self.looked_at = 0, 0
 
-    def observe(self, loss):
-        """A micro-batch's loss []: into the window's flag and the log's mean (finite losses only)."""
+    def observe(self, loss, also=None):
+        """A micro-batch's loss []: into the window's flag and the log's mean (finite losses only). `also`: other
+        losses of the step (the adversarial term's) that must be finite too, not logged here."""
         loss = loss.detach().float()
         finite = torch.isfinite(loss)
-        self.window_finite &= finite
+        self.window_finite &= finite if also is None else finite & torch.isfinite(also.detach().float())
         self.numbers[0] += torch.where(finite, loss, 0.0)
         self.numbers[1] += finite.float()
 

@@ -3,7 +3,8 @@
 Everything here is deterministic numpy/PIL: sample `i` of a split is drawn from the seed (split, i), so the
 training shards, the held-out prompts and the held-out real images are the same on every machine. The judge
 (`classify`) reads colour and shape back from pixels; `benchmarks/quality.py` uses it for prompt adherence
-and `image_features` + `frechet_distance` for an FID-style distance, so no learned network is involved.
+and `image_features` (with `evaluation.frechet_distance`) for an FID-style distance, so no learned network is
+involved.
 """
 
 import argparse
@@ -178,20 +179,6 @@ def image_features(images):
         ghist = np.histogram(grad, bins=8, range=(0, 1))[0] / grad.size
         feats.append(np.concatenate([pooled, hists, ghist]))
     return np.stack(feats).astype(np.float64)
-
-
-def _sqrt_psd(m):
-    vals, vecs = np.linalg.eigh((m + m.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
-def frechet_distance(feats_a, feats_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) (Heusel et al. 2017, eq. 6)."""
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    root_a = _sqrt_psd(s_a)
-    cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
 
 
 def main():

@@ -194,6 +194,38 @@ def build_tiny_sd3_teacher(out_dir, seed=0, with_t5=True, dual_attention=False, 
     return out_dir
 
 
+def build_tiny_clip_model(out_dir, image_size=16, seed=0):
+    """A random CLIPModel (text and vision towers, 16 px images) with its processor, saved for from_pretrained: the
+    CLIP score's model in benchmarks/evaluate.py's tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=514,
+                max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=4)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out_dir)
+    pixels = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                                "width": image_size})
+    CLIPProcessor(image_processor=pixels, tokenizer=char_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_dinov2(out_dir, image_size=16, seed=0):
+    """A random DINOv2 (transformers' Dinov2Model) with its image processor: the Frechet distance's feature model in
+    benchmarks/evaluate.py's tests."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=image_size, patch_size=4)).save_pretrained(out_dir)
+    BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                      do_convert_rgb=True).save_pretrained(out_dir)
+    return out_dir
+
+
 def toy_sample(index, size=32):
     """A deterministic (image, caption) pair: a coloured shape on a light background."""
     rng = np.random.default_rng(index)

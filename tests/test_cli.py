@@ -55,6 +55,9 @@ def with_flags(argv, **flags):
     (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts"),
     (dict(train_data_dir=None), "no training data"),
     (dict(lora_rank=8), "--lora_rank is not a flag of full LCM distillation; use train_lcm_lora.py"),
+    (dict(adv_weight=-0.1), "--adv_weight must be >= 0"),
+    (dict(adv_weight=0.1, adv_lr=0), "--adv_lr must be positive"),
+    (dict(adv_real="fake"), "--adv_real"),
 ])
 def test_bad_flags_fail_fast(args, capsys, flags, expected):
     err = error_of(with_flags(args, **flags), capsys)

@@ -149,6 +149,7 @@ def test_quality_benchmark_checks_the_issues_targets(monkeypatch):
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import quality
+    from lcm_utils import evaluation as ev
 
     def row(*points):  # (endpoint, both, fd) at 1, 2, 4, 8 steps
         return {s: dict(zip(("endpoint", "both", "fd"), p)) for s, p in zip((1, 2, 4, 8), points)}
@@ -168,8 +169,8 @@ def test_quality_benchmark_checks_the_issues_targets(monkeypatch):
     assert not dict(quality.check_targets(rows, [1, 2, 4, 8]))["A no worse from 4 to 8 steps on any metric"]
 
     parser = argparse.ArgumentParser()
-    assert quality.student_spec("P=full:/x/pcm", parser) == ("P", "full", "/x/pcm", None)
-    assert quality.student_spec("T=lora:/x/tcd,eta=0.5", parser) == ("T", "lora", "/x/tcd", 0.5)
+    assert ev.student_spec("P=full:/x/pcm", parser.error) == ("P", "full", "/x/pcm", None)
+    assert ev.student_spec("T=lora:/x/tcd,eta=0.5", parser.error) == ("T", "lora", "/x/tcd", 0.5)
     for bad in ("H=half:/x", "full:/x", "T=lora:/x,eta=2", "T=lora:/x,eta=high"):
         with pytest.raises(SystemExit):
-            quality.student_spec(bad, parser)
+            ev.student_spec(bad, parser.error)

@@ -89,6 +89,10 @@ def validate(args):
                           f"got {args.num_phases}")
     if not 0.0 <= args.tcd_gamma <= 1.0:
         raise ConfigError(f"--tcd_gamma must be in [0, 1], got {args.tcd_gamma}")
+    if not args.adv_weight >= 0.0:
+        raise ConfigError(f"--adv_weight must be >= 0 (0 turns the adversarial term off), got {args.adv_weight}")
+    if args.adv_weight > 0 and not args.adv_lr > 0.0:
+        raise ConfigError(f"--adv_lr must be positive, got {args.adv_lr}")
     if args.max_train_steps is None and args.train_shards_path_or_url and args.max_train_samples is None:
         raise ConfigError("--max_train_steps is required with webdataset shards unless --max_train_samples "
                           "sets the epoch length")

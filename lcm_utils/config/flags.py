@@ -182,6 +182,17 @@ def add_consistency_flags(parser):
     g.add_argument("--tcd_gamma", type=float, default=0.3,
                    help="tcd: gamma (diffusers' eta) of TCDScheduler's stochastic sampling, for the validation grid "
                         "and the model card.")
+    g.add_argument("--adv_weight", type=float, default=0.0,
+                   help="Weight of the adversarial term (0: none, every result as without it). A discriminator on the "
+                        "frozen teacher's blocks with trainable patch heads judges the student's prediction noised "
+                        "inside its phase; PCM uses 0.1.")
+    g.add_argument("--adv_lr", type=float, default=1e-5,
+                   help="Learning rate of the discriminator heads' AdamW (betas 0, 0.999; --adam_weight_decay and "
+                        "--adam_epsilon).")
+    g.add_argument("--adv_real", type=str, default="target", choices=("target", "data"),
+                   help="What the discriminator takes as real: the consistency target noised like the student's "
+                        "prediction (target, PCM's choice) or the training latents noised to the same time (data, "
+                        "LADD's and SDXL-Lightning's).")
 
 
 def add_output_flags(parser):

@@ -11,12 +11,21 @@ import os
 
 import torch
 
+from ..adversarial import Tap
 from ..errors import ConfigError
 from ..tensors import to_device
 
 # Attention projections, transformer in/out, feed-forward, ResNet convs, resamplers, time-embedding projections.
 UNET_LORA_TARGETS = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
                      "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj")
+
+
+def _first(output, latent_shape):
+    return output[0]  # a down block returns (hidden states, the skips it hands to the up blocks)
+
+
+def _itself(output, latent_shape):
+    return output
 
 
 def read_json(folder, *parts):
@@ -168,6 +177,15 @@ class StableDiffusion:
         if w_embedding is not None:
             return model(z, t, timestep_cond=w_embedding, **cond).sample
         return model(z, t, **cond).sample
+
+    @staticmethod
+    def discriminator_taps(denoiser):
+        """The blocks the adversarial term's discriminator reads (adversarial.Tap): every down block, the middle
+        block and every up block of the UNet, as PCM's discriminator does; widths from its config."""
+        widths = list(denoiser.config.block_out_channels)
+        taps = [Tap(block, width, 3, _first) for block, width in zip(denoiser.down_blocks, widths)]
+        taps.append(Tap(denoiser.mid_block, widths[-1], 3, _itself))
+        return taps + [Tap(block, width, 3, _itself) for block, width in zip(denoiser.up_blocks, reversed(widths))]
 
     # ------------------------------------------------------------------ text encoders and conditions
 

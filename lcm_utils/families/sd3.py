@@ -7,11 +7,13 @@ pipeline makes it. The transformer has no guidance input, so a student never tak
 the guidance to sample with). Every size is read from the configs.
 """
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
+from ..adversarial import Tap
 from ..errors import ConfigError
 from .sd import StableDiffusion, read_json
 
@@ -20,6 +22,13 @@ from .sd import StableDiffusion, read_json
 SD3_LORA_TARGETS = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
                     "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2")
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default: sampling sees the same sequence
+
+
+def _token_map(output, latent_shape, patch_size):
+    """A joint block's image tokens [B, h*w, C] (its output is (text tokens, image tokens)) as [B, C, h, w]."""
+    tokens = output[1]
+    height, width = latent_shape[-2] // patch_size, latent_shape[-1] // patch_size
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
 class StableDiffusion3(StableDiffusion):
@@ -120,6 +129,15 @@ class StableDiffusion3(StableDiffusion):
     @staticmethod
     def denoise(model, z, t, cond, w_embedding=None):
         return model(hidden_states=z, timestep=t, **cond).sample
+
+    @staticmethod
+    def discriminator_taps(denoiser):
+        """Every joint block's image tokens, laid back on the patch grid (1x1 heads on tokens, as PCM's SD3
+        discriminator); the width is the transformer's heads x head size."""
+        config = denoiser.config
+        width = config.num_attention_heads * config.attention_head_dim
+        read = functools.partial(_token_map, patch_size=config.patch_size)
+        return [Tap(block, width, 1, read) for block in denoiser.transformer_blocks]
 
     # ------------------------------------------------------------------ text encoders and conditions
 

@@ -9,7 +9,7 @@ from ..engines import checkpoint_engine, engine_name, load_optimizer_state, save
 from ..errors import ConfigError
 
 
-def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
+def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator, adversary=None):
     """Write checkpoint-<step> via a partial folder; the rename happens only after every rank wrote its part."""
     acc, args = run.accelerator, run.args
     folder = ckpt.partial_path(args.output_dir, step)
@@ -20,6 +20,8 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     weights = run.method.snapshot()
     if acc.is_main_process:
         run.method.save_state(folder, weights)
+        if adversary:
+            adversary.save(folder)
     del weights
     save_optimizer_state(acc, run.method.student_model, optimizer, folder)
     ckpt.write_json(os.path.join(folder, f"rank_{acc.process_index}.json"),
@@ -36,7 +38,7 @@ def save_checkpoint(run, step, optimizer, lr_scheduler, stream, generator):
     acc.wait_for_everyone()
 
 
-def resume(run, optimizer, lr_scheduler, stream, generator):
+def resume(run, optimizer, lr_scheduler, stream, generator, adversary=None):
     """Restore everything a checkpoint holds; returns the global step (0 for a new run)."""
     acc, args = run.accelerator, run.args
     path = ckpt.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -65,6 +67,8 @@ def resume(run, optimizer, lr_scheduler, stream, generator):
                           f"({str(e).strip().splitlines()[0][:160]}); resume with the teacher and flags that wrote "
                           f"it") from None
     load_optimizer_state(acc, run.method.student_model, optimizer, path)
+    if adversary and not adversary.load(path):
+        run.log(f"note: '{path}' has no discriminator (written without --adv_weight): its heads start fresh")
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])

@@ -17,13 +17,14 @@ from ..data import DataSpec, TrainStream, data_report, latents_from_posterior, t
 from ..engines import check_engine_support, configure_deepspeed, fit_fsdp_wrap, uses_deepspeed, uses_fsdp
 from ..errors import TrainingError
 from ..families import encode_images, teacher_family
-from ..objectives import lcd_loss
+from ..consistency import LOSSES
+from ..objectives import consistency_pair
 from ..precompute import check_precomputed
 from ..safety import StepHealth, StopAgreement, StopSignals, parse_stop_signals, resume_command
 from .checkpointing import resume, save_checkpoint
 from .export import finish
-from .setup import (Run, build_models, learning_rate, make_optimizer, resolve_max_train_steps, skips_on_device,
-                    summary, tracker_config, warn_if_a_stop_cannot_save)
+from .setup import (Run, build_adversary, build_models, learning_rate, make_optimizer, resolve_max_train_steps,
+                    skips_on_device, summary, tracker_config, warn_if_a_stop_cannot_save)
 from .validation import run_validation
 
 DROPPED_WARNING = 0.05  # a share of dropped samples worth a warning: the data is not what the user thinks
@@ -56,6 +57,7 @@ class Training:
     saved_step: int = None  # the step of the newest complete checkpoint
     data_said: dict = None  # the skip counts last printed (None before the first gather)
     warned: bool = False  # whether the dropped share was warned about
+    adversary: object = None  # the adversarial term's discriminator and its optimizer (--adv_weight > 0)
 
 
 def train_loop(run, stop):
@@ -79,17 +81,19 @@ def train_loop(run, stop):
         run.log(text if args.verbose else summary(args, teacher, acc, bool(stream.precomputed)))
         acc.init_trackers(args.tracker_project_name, config=tracker_config(args))
     warn_if_a_stop_cannot_save(run)
-    optimizer, generator, max_train_steps = state.optimizer, state.generator, state.max_train_steps
+    generator, max_train_steps, adversary = state.generator, state.max_train_steps, state.adversary
     if state.step >= max_train_steps:
         run.log(f"the checkpoint is at step {state.step}, --max_train_steps is {max_train_steps}: nothing to train")
         finish(run, teacher, state.step)
         return 0
-    run.log(f"training {method.name}{objective.announcement}: {max_train_steps} steps, {acc.num_processes} "
-            f"process(es), batch {args.train_batch_size} x accumulation {args.gradient_accumulation_steps}, from step "
-            f"{state.step}")
+    adversarial = f" and an adversarial term (weight {args.adv_weight:g}, real: {args.adv_real})" \
+        if adversary else ""
+    run.log(f"training {method.name}{objective.announcement}{adversarial}: {max_train_steps} steps, "
+            f"{acc.num_processes} process(es), batch {args.train_batch_size} x accumulation "
+            f"{args.gradient_accumulation_steps}, from step {state.step}")
 
     progress = Progress(max_train_steps, state.step, acc.is_main_process)
-    health = StepHealth(args.max_nonfinite_steps, device, skips_on_device(acc, optimizer))
+    health = StepHealth(args.max_nonfinite_steps, device, skips_on_device(acc, state.optimizer))
     agree_stop = StopAgreement(acc)
     window = Window(state.step, args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes)
 
@@ -102,22 +106,20 @@ def train_loop(run, stop):
             w = args.w_min + (args.w_max - args.w_min) * torch.rand(
                 z0.shape[0], generator=generator, device=generator.device)
             with acc.autocast():
-                loss = lcd_loss(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
-                                method.target_forward, state.schedule, args.loss_type, args.huber_c, generator,
-                                objective)
-            acc.backward(loss)
-            health.observe(loss)
+                pair = consistency_pair(z0, cond, uncond, w.to(device), method.student_forward, method.teacher_forward,
+                                        method.target_forward, state.schedule, generator, objective)
+                loss = LOSSES[args.loss_type](pair.pred.float(), pair.target.float(), args.huber_c)
+                if adversary:  # (weight * the generator's hinge, the heads' own loss)
+                    g_term, d_loss = adversary.terms(pair, z0, cond, state.schedule, objective, generator)
+            acc.backward(loss + g_term if adversary else loss)
+            health.observe(loss, also=g_term + d_loss if adversary else None)
+            if adversary:
+                adversary.backward(d_loss, args.gradient_accumulation_steps)
             if acc.sync_gradients:
                 # 1 when every rank's losses of this step were finite: else no update anywhere (weights,
                 # optimizer state, EMA target), decided on the device where the optimizer can skip by itself.
                 gate = health.gate(acc, state.step + 1)
-                if health.on_device:
-                    arm_skip(optimizer, gate)
-                if health.on_device or bool(gate):
-                    if args.max_grad_norm > 0:
-                        acc.clip_grad_norm_(state.params, args.max_grad_norm)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                update(run, state, gate, health.on_device)
         if not acc.sync_gradients:
             continue
         stop_signal = agree_stop(stop.received)  # host data only: no wait for the device
@@ -175,16 +177,35 @@ def prepare(run, teacher, stream):
         params = list(method.student_model.parameters())
     schedule = teacher.solver_schedule(args.num_ddim_timesteps, args.timestep_scaling_factor, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + acc.process_index)
-    step = resume(run, optimizer, lr_scheduler, stream, generator)
+    adversary = build_adversary(run, teacher)
+    step = resume(run, optimizer, lr_scheduler, stream, generator, adversary)
     return Training(stream, params, optimizer, lr_scheduler, schedule, generator, max_train_steps, step,
-                    saved_step=step if step else None)
+                    saved_step=step if step else None, adversary=adversary)
+
+
+def update(run, state, gate, on_device):
+    """The optimizer step of the student and of the discriminator heads, skipped on every rank when gate is 0."""
+    args, adversary = run.args, state.adversary
+    optimizers = [state.optimizer] + ([adversary.optimizer] if adversary else [])
+    if on_device:
+        for optimizer in optimizers:
+            arm_skip(optimizer, gate)
+    if on_device or bool(gate):
+        if args.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(state.params, args.max_grad_norm)
+        state.optimizer.step()
+        if adversary:
+            adversary.step(args.max_grad_norm)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def checkpoint(run, state):
     """Save the current step, unless its checkpoint is already written."""
     if state.saved_step != state.step:
         start = time.perf_counter()
-        save_checkpoint(run, state.step, state.optimizer, state.lr_scheduler, state.stream, state.generator)
+        save_checkpoint(run, state.step, state.optimizer, state.lr_scheduler, state.stream, state.generator,
+                        state.adversary)
         state.saved_step = state.step
         warn_if_a_stop_cannot_save(run, time.perf_counter() - start)
 
@@ -202,10 +223,13 @@ def look(run, state, health, progress, window):
             "train/samples_per_s": window.samples_per_s(step), "train/nonfinite_skipped": skipped}
     counts = gather_skip_counts(acc, state.stream)  # a few small dicts, once per look
     logs.update({tracker_name(reason): n for reason, n in counts.items()})
+    adversarial = state.adversary.look() if state.adversary else {}
+    logs.update(adversarial)
     if counts != (state.data_said or {}) and step != state.max_train_steps:  # the end says it anyway
         say_data(run, state, progress, counts)
     state.data_said = counts
-    progress.show(step, loss, logs["train/lr"], logs["train/samples_per_s"])
+    progress.show(step, loss, logs["train/lr"], logs["train/samples_per_s"],
+                  " ".join(f"{name[4:]}={value:.3g}" for name, value in adversarial.items()))
     acc.log(logs, step=step)
 
 
@@ -278,9 +302,9 @@ class Progress(ProgressDisplay):
         super().__init__(total, initial, desc="steps", enabled=enabled)
         self.printed, self.every = initial, max(10, total // 20)
 
-    def show(self, step, loss, lr, samples_per_s):
-        """The state at a look: mean loss since the last one, the learning rate, samples/s."""
-        status = f"loss={loss:.4g} lr={lr:.2e} samples_s={samples_per_s:.1f}"
+    def show(self, step, loss, lr, samples_per_s, more=""):
+        """The state at a look: mean loss since the last one, the learning rate, samples/s (and `more`)."""
+        status = f"loss={loss:.4g} lr={lr:.2e} samples_s={samples_per_s:.1f}" + (f" {more}" if more else "")
         self.status(status)
         if self.bar is None and self.enabled and (step - self.printed >= self.every or step == self.total):
             self.printed = step

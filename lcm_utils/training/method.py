@@ -67,6 +67,10 @@ class DistillationMethod:
     def target_forward(self, z, t, cond, w):
         raise NotImplementedError
 
+    def discriminator_backbone(self):
+        """The module teacher_forward runs, whose blocks the adversarial term's discriminator reads."""
+        raise NotImplementedError
+
     def update_target(self, gate=None):
         """Called after every optimizer step (EMA); gate: a device scalar, 0 when the step's update was skipped."""
 

@@ -91,6 +91,18 @@ def build_models(run, stream):
     return teacher
 
 
+def build_adversary(run, teacher):
+    """The adversarial term's discriminator on the method's frozen teacher pass, or None (--adv_weight 0)."""
+    args, acc, method = run.args, run.accelerator, run.method
+    if not args.adv_weight > 0:
+        return None
+    from ..adversarial import Adversary
+
+    taps = teacher.family.discriminator_taps(method.discriminator_backbone())
+    return Adversary(method.teacher_forward, taps, args.adv_weight, args.adv_real, args.adv_lr, args.adam_weight_decay,
+                     acc.device, args.seed, acc.num_processes, args.adam_epsilon)
+
+
 def make_optimizer(params, lr, args):
     """AdamW: bitsandbytes' 8-bit one with --use_8bit_adam; else torch's fused kernel where the parameters' device
     has one (CUDA, CPU, XPU, MPS: one kernel for all tensors, and a skipped update decided on the device), else
