@@ -38,17 +38,18 @@ def _backend_with_gloo(self, cpu=False, sagemaker_dp=False, backend=None):
 
 
 def _poison_losses(calls):
-    """NaN losses on the lcd_loss calls listed (counting from 0), as tests/test_interrupts.py does in process."""
+    """NaN losses on the consistency-loss calls listed (counting from 0), as tests/test_interrupts.py does in
+    process."""
     import lcm_utils.training.loop as training
 
-    real_loss, seen = training.lcd_loss, []
+    real_loss, seen = training.LOSSES["l2"], []
 
     def poisoned(*args, **kwargs):
         seen.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(seen) - 1 in calls else loss
 
-    training.lcd_loss = poisoned
+    training.LOSSES["l2"] = poisoned
 
 
 if __name__ == "__main__":

@@ -170,11 +170,12 @@ def heads(folder):
 
 @pytest.mark.parametrize("script,flags", [
     ("train_lcm_distill.py", dict(objective="pcm", adv_real="data")),
-    ("train_lcm_lora.py", dict(lora_rank=4, lora_alpha=8, ema_decay=0.9, gradient_accumulation_steps=2)),
+    ("train_lcm_lora.py", dict(lora_rank=4, lora_alpha=8, ema_decay=0.9, gradient_accumulation_steps=2,
+                               mixed_precision="bf16")),
 ])
 def test_resume_with_the_term_is_exact(assets, tmp_path, script, flags):
     """The heads and their optimizer are in the checkpoint: a run killed after step 2 and resumed ends bit-equal,
-    student and discriminator alike (the LoRA run with gradient accumulation)."""
+    student and discriminator alike (the LoRA run in bf16, its base cast, with gradient accumulation)."""
     common = dict(ADV, max_train_steps=4, checkpointing_steps=2, **flags)
     straight, resumed = straight_and_resumed(script, lambda out: base_args(assets, out, **common), tmp_path)
     a, b = (os.path.join(run, "checkpoint-4") for run in (straight, resumed))
@@ -220,6 +221,8 @@ def test_the_term_changes_training_and_turns_on_at_a_resume(assets, tmp_path):
     x, y = (load_file(os.path.join(run, "unet", "diffusion_pytorch_model.safetensors")) for run in (plain, adv))
     assert any(not torch.equal(x[k], y[k]) for k in x)
     assert not os.path.exists(os.path.join(plain, "checkpoint-2", HEADS_FILE))
+    assert "plus an adversarial term of weight 0.5" in open(os.path.join(adv, "README.md")).read()
+    assert "adversarial" not in open(os.path.join(plain, "README.md")).read()
     result = launch("train_lcm_distill.py", base_args(assets, plain, max_train_steps=3, checkpointing_steps=3,
                                                       resume_from_checkpoint="latest", **ADV))
     check_ok(result)
@@ -282,3 +285,31 @@ def test_engines_train_the_term_as_ddp_does(assets, tmp_path, script, engine, fl
     else:
         x, y = (load_file(os.path.join(run, "unet", "diffusion_pytorch_model.safetensors")) for run in runs.values())
     assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-6
+
+
+def test_a_non_finite_discriminator_loss_skips_the_whole_step(assets, tmp_path, monkeypatch, capsys):
+    """The non-finite guard covers the heads' loss too: a NaN there (step 2) leaves the student, its EMA target and
+    the heads as they were, and is counted and said as a skipped update."""
+    import lcm_utils.adversarial as adversarial
+    from test_interrupts import run_in_process
+
+    real_loss, calls = adversarial.hinge_discriminator_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(adversarial, "hinge_discriminator_loss", poisoned)
+    out = str(tmp_path / "out")
+    assert run_in_process(base_args(assets, out, max_train_steps=3, checkpointing_steps=1, logging_steps=1,
+                                    **ADV)) == 0
+    assert "step 2: 1 non-finite loss, update skipped (1 in a row now)" in capsys.readouterr().out
+    checkpoint = {n: os.path.join(out, f"checkpoint-{n}") for n in (1, 2, 3)}
+    for name in ("unet", "unet_target"):
+        before, at, after = (load_file(os.path.join(checkpoint[n], name, "diffusion_pytorch_model.safetensors"))
+                             for n in (1, 2, 3))
+        assert all(torch.equal(before[k], at[k]) for k in at), name
+        assert any(not torch.equal(at[k], after[k]) for k in at), name
+    assert all(torch.equal(heads(checkpoint[1])[k], heads(checkpoint[2])[k]) for k in heads(checkpoint[1]))
+    assert any(not torch.equal(heads(checkpoint[2])[k], heads(checkpoint[3])[k]) for k in heads(checkpoint[1]))

@@ -28,14 +28,14 @@ def test_the_loss_is_read_only_at_looks_and_averaged_since_the_last(assets, tmp_
     the steps since the previous look."""
     import lcm_utils.training.loop as training
 
-    real_loss, losses = training.lcd_loss, []
+    real_loss, losses = training.LOSSES["l2"], []
 
     def recording_loss(*args):
         loss = real_loss(*args)
         losses.append(loss.item())
         return loss
 
-    monkeypatch.setattr(training, "lcd_loss", recording_loss)
+    monkeypatch.setitem(training.LOSSES, "l2", recording_loss)
     steps = logged_steps(monkeypatch)
     assert run_in_process(base_args(assets, str(tmp_path / "out"), max_train_steps=5, logging_steps=2,
                                     checkpointing_steps=3, report_to="tensorboard")) == 0
@@ -80,14 +80,14 @@ def test_channels_last_and_compile_reach_every_unet(assets, tmp_path, monkeypatc
     compiled = []
     monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, *a, **k: compiled.append(id(self)),
                         raising=False)
-    real_loss, losses = training.lcd_loss, []
+    real_loss, losses = training.LOSSES["l2"], []
 
     def recording_loss(*args):
         loss = real_loss(*args)
         losses[-1].append(loss.item())
         return loss
 
-    monkeypatch.setattr(training, "lcd_loss", recording_loss)
+    monkeypatch.setitem(training.LOSSES, "l2", recording_loss)
     layouts = []
 
     class Recording(FullDistillation):

@@ -273,17 +273,17 @@ def test_the_last_step_is_checkpointed_extended_exactly_and_a_rerun_past_the_end
 
 
 def poison_losses(monkeypatch, bad):
-    """NaN losses on the lcd_loss calls listed in `bad` (counting from 0); returns the list of calls."""
+    """NaN losses on the consistency-loss calls listed in `bad` (counting from 0); returns the list of calls."""
     import lcm_utils.training.loop as training
 
-    real_loss, calls = training.lcd_loss, []
+    real_loss, calls = training.LOSSES["l2"], []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) - 1 in bad else loss
 
-    monkeypatch.setattr(training, "lcd_loss", poisoned)
+    monkeypatch.setitem(training.LOSSES, "l2", poisoned)
     return calls
 
 

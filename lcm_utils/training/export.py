@@ -118,6 +118,8 @@ def write_model_card(args, usage, step, method, family, objective):
     metadata = {"library_name": "diffusers", "tags": tags, "pipeline_tag": "text-to-image", "inference": True}
     if HUB_ID.match(args.pretrained_teacher_model) and not os.path.isdir(args.pretrained_teacher_model):
         metadata["base_model"] = args.pretrained_teacher_model  # the Hub wants an id here, never a local path
+    adversarial = (f", plus an adversarial term of weight {args.adv_weight:g} with the teacher as discriminator "
+                   f"backbone" if args.adv_weight > 0 else "")
     text = f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
@@ -125,7 +127,7 @@ def write_model_card(args, usage, step, method, family, objective):
 # {objective.name.upper()}{method.card_kind} {family.name} model
 
 Distilled from `{args.pretrained_teacher_model}` by {objective.title} for {step} steps
-(w ~ U[{args.w_min}, {args.w_max}], N = {args.num_ddim_timesteps} DDIM steps, {args.loss_type} loss).
+(w ~ U[{args.w_min}, {args.w_max}], N = {args.num_ddim_timesteps} DDIM steps, {args.loss_type} loss{adversarial}).
 {validation_section(args.output_dir)}
 {usage}
 
