@@ -343,7 +343,7 @@ def test_the_model_card_names_a_hub_teacher_as_base_model(tmp_path):
 
     args = argparse.Namespace(pretrained_teacher_model="stabilityai/stable-diffusion-xl-base-1.0",
                               output_dir=str(tmp_path), w_min=3.0, w_max=15.0, num_ddim_timesteps=50,
-                              loss_type="huber", objective="lcm")
+                              loss_type="huber", objective="lcm", adv_weight=0.0)
     write_model_card(args, "usage", 1000, LoraDistillation, StableDiffusionXL, make_objective("lcm"))
     card = (tmp_path / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
