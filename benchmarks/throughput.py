@@ -91,13 +91,13 @@ def worker(script, warmup, repeats, train_args):
     from train_lcm_lora import LoraDistillation
 
     step_ends, last_inputs, holder = [], [], {}
-    real_loss = training.lcd_loss
+    real_pair = training.consistency_pair
 
-    def keep_inputs(z0, cond, uncond, w, *rest):
+    def keep_inputs(z0, cond, uncond, w, *rest, **kwargs):
         last_inputs[:] = [(z0, cond, uncond, w)]
-        return real_loss(z0, cond, uncond, w, *rest)
+        return real_pair(z0, cond, uncond, w, *rest, **kwargs)
 
-    training.lcd_loss = keep_inputs
+    training.consistency_pair = keep_inputs
     base = FullDistillation if script == "full" else LoraDistillation
 
     class Timed(base):
@@ -113,7 +113,7 @@ def worker(script, warmup, repeats, train_args):
                 torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
 
-        def export(self, output_dir):
+        def export(self, output_dir, weights):
             return ""
 
     main(Timed, script, train_args)

@@ -4,8 +4,9 @@ Each objective says where on the trajectory both consistency predictions map to 
 pure functions in lcm_utils.consistency), and what its student samples with: the scheduler it exports, that
 scheduler's arguments and a good step count, its validation columns and its model-card text.
 
-The loop only calls `lcd_loss` (LCM paper, arXiv 2310.04378, Algorithm 1) and steps the optimizer (the shape of
-EDM's training/loss.py). The three
+The loop calls `consistency_pair` (LCM paper, arXiv 2310.04378, Algorithm 1, steps 1-5), compares the pair with
+a distance from lcm_utils.consistency.LOSSES, and steps the optimizer (the shape of EDM's training/loss.py);
+`lcd_loss` is the two together, as one callable for tests and benchmarks. The three
 networks come in as callables so full distillation and LCM-LoRA share this code:
     student(z, t, cond, w) -> raw UNet output (with grad)
     teacher(z, t, cond)    -> raw UNet output (cond and uncond stacked on the batch axis)

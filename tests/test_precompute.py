@@ -51,25 +51,26 @@ def latent_shards(assets, tmp_path_factory):
 
 
 def losses_and_inputs(argv):
-    """Run the full script in process; per step (z0, cond, uncond, w, loss) as lcd_loss got and returned them."""
+    """Run the full script in process; per step (z0, cond, uncond, w) as the consistency pair got them, and its L2."""
     from accelerate.state import AcceleratorState
 
     import lcm_utils.training.loop as training
     from lcm_utils.training import main
     from train_lcm_distill import FullDistillation
 
-    real, seen = training.lcd_loss, []
+    real, seen = training.consistency_pair, []
 
-    def spy(z0, cond, uncond, w, *rest):
-        loss = real(z0, cond, uncond, w, *rest)
+    def spy(z0, cond, uncond, w, *rest, **kwargs):
+        pair = real(z0, cond, uncond, w, *rest, **kwargs)
+        loss = training.LOSSES["l2"](pair.pred.float(), pair.target.float(), None)
         seen.append((z0.clone(), cond, uncond, w.clone(), loss.item()))
-        return loss
+        return pair
 
-    training.lcd_loss = spy
+    training.consistency_pair = spy
     try:
         assert main(FullDistillation, "test", argv) == 0
     finally:
-        training.lcd_loss = real
+        training.consistency_pair = real
         AcceleratorState._reset_state(True)
     return seen
 
