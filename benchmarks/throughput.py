@@ -98,6 +98,8 @@ def worker(script, warmup, repeats, train_args):
         return real_pair(z0, cond, uncond, w, *rest, **kwargs)
 
     training.consistency_pair = keep_inputs
+    # No final checkpoint either: at SD 1.5's shapes each row would write 14 GB (weights, target, Adam).
+    training.save_checkpoint = lambda *args, **kwargs: None
     base = FullDistillation if script == "full" else LoraDistillation
 
     class Timed(base):
@@ -201,8 +203,8 @@ def main():
         params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").parameters())
     device = "cuda" if "CUDA" in results[args.rows[0]]["unit"] else f"cpu ({os.cpu_count()} cores)"
     print(f"{args.script} script; UNet {params / 1e6:.1f} M parameters; batch {args.train_batch_size} at "
-          f"{args.resolution} px; mixed precision {args.mixed_precision}; {device}; median of {args.steps - args.warmup - 1}"
-          f" steps; {results[args.rows[0]]['unit']}")
+          f"{args.resolution} px; mixed precision {args.mixed_precision}; {device}; median of "
+          f"{args.steps - args.warmup - 1} steps; {results[args.rows[0]]['unit']}")
     base = results[args.rows[0]]["samples_per_s"]
     print(f"| row | s/step | samples/s | vs {args.rows[0]} | irreducible s | overhead ratio | peak MiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

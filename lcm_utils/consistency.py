@@ -198,9 +198,10 @@ def guidance_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype =
         # half_dim - 1 is a divisor below; the pipeline's formula is undefined for dims < 4.
         raise ValueError(f"embedding_dim must be >= 4, got {embedding_dim}")
     half_dim = embedding_dim // 2
-    # Built exactly as the pipeline builds it (float32 log, then arange in `dtype`) so results are
-    # bit-identical, but on w's device so it also works for accelerator tensors.
-    log_step = torch.log(torch.tensor(10000.0, device=w.device)) / (half_dim - 1)
+    # Built as the pipeline builds it (float32 log, then arange in `dtype`) so results are bit-identical. The
+    # log is a CPU number: a tensor made on an accelerator from a Python float is a host-to-device copy, which
+    # stalls the step (found by scripts/sync_check.py on a GPU).
+    log_step = (torch.log(torch.tensor(10000.0)) / (half_dim - 1)).item()
     freqs = torch.exp(torch.arange(half_dim, dtype=dtype, device=w.device) * -log_step)
     args = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)

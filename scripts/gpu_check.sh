@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # GPU smoke check: mixed-precision training, checkpoint/resume, validation and sampling on CUDA with the tiny
-# teacher, the same for SDXL in fp16 on a tiny SDXL teacher (full and LoRA, sampled by scripts/sample.py), the step
-# under PyTorch's sync debug mode (scripts/sync_check.py), FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs, then the
-# three benchmarks (teacher batching, throughput, memory) at Stable Diffusion 1.5's shapes and the memory/speed one at SDXL's
-# shapes (1024 px, fp16). Offline; about 3-4 minutes on one H100 before the SDXL benchmark, which builds and
-# saves a 2.6 B-parameter random teacher first (set GPU_CHECK_NO_SDXL=1 to leave it out), and the LoRA memory rows
-# at SD3.5 Large's shapes, after an 8.1 B-parameter random teacher (GPU_CHECK_NO_SD35=1 leaves it out).
+# teacher; the same for SDXL in fp16 and SD3 in bf16 on tiny teachers (sampled by scripts/sample.py); the step under
+# PyTorch's sync debug mode (scripts/sync_check.py); FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs; then
+# the benchmarks (teacher batching, throughput, memory) at Stable Diffusion 1.5's shapes and the memory/speed rows
+# at SDXL's (1024 px, fp16; GPU_CHECK_NO_SDXL=1 leaves them out) and SD3.5 Large's (bf16; GPU_CHECK_NO_SD35=1), on
+# random teachers of 2.6 B and 8.1 B parameters built first. Offline. On one H200 (2026-12-04) each launch spent
+# 15-30 s starting up, and the whole check needs more than one 10-minute call: GPU_CHECK_ONLY runs a part
+# (docs/testing.md, "On a GPU"). scripts/gpu_wheels.sh fills .whl/ for a machine without diffusers or DeepSpeed.
 #
 #   OUT=/some/folder bash scripts/gpu_check.sh
 #
-# Writes $OUT/gpu_check.log (everything), $OUT/samples.png (stock-pipeline samples of each output, 8x upscaled)
-# and $OUT/val_*.png (the runs' validation grids). Each step prints PASS or FAIL; a failed step does not stop
-# the others. Wheels in .whl/ (diffusers, webdataset, ...) are installed to /tmp/site first when present,
-# unless GPU_CHECK_NO_WHEELS=1. Without CUDA (a dry run of the plumbing on CPU) the mixed-precision runs use
-# --mixed_precision no and the benchmarks use small shapes; GPU_CHECK_SMALL=1 picks the small shapes on a GPU too.
+# Writes $OUT/gpu_check.log (everything) and $OUT/images.tar: samples.png (stock-pipeline samples of each SD output,
+# 8x upscaled), sample_*.png (scripts/sample.py on the other outputs) and val_*.png (the runs' validation grids).
+# Each step prints PASS or FAIL; a failed step does not stop the others. The training checks run in three lanes at
+# once beside the memory benchmarks. Wheels in .whl/ (diffusers, webdataset, deepspeed, ...) are installed to
+# /tmp/site first when present, unless GPU_CHECK_NO_WHEELS=1. Without CUDA (a dry run of the plumbing on CPU) the
+# mixed-precision runs use --mixed_precision no and the benchmarks use small shapes; GPU_CHECK_SMALL=1 picks the
+# small shapes on a GPU too.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the log and images}
@@ -21,11 +24,17 @@ mkdir -p "$OUT"
 export ROOT=$PWD W=${GPU_CHECK_WORK:-/tmp/gpu_check} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 OUT
 BUDGET=${GPU_CHECK_BUDGET:-600}  # seconds for all steps; a step is cut to what is left, and skipped under 20 s
+# GPU_CHECK_ONLY: a regular expression; only the steps whose names match it run (a rerun of failed ones; "assets"
+# builds the tiny teacher and shards most training steps read).
 DEADLINE=$((SECONDS + BUDGET))
 
 step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print PASS/FAIL, never stop the script
     local name=$1 limit=$2 fn=$3 t0=$SECONDS rc left=$((DEADLINE - SECONDS))
     echo
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && ! [[ $name =~ $GPU_CHECK_ONLY ]]; then
+        RESULTS+=("SKIP $name (not in GPU_CHECK_ONLY)")
+        return
+    fi
     if [ "$left" -lt 20 ]; then
         echo "=== SKIP $name (out of time: GPU_CHECK_BUDGET=${BUDGET}s)"
         RESULTS+=("SKIP $name (out of time)")
@@ -53,7 +62,7 @@ launch() {  # launch SCRIPT PRECISION FLAGS...: accelerate launch, one process; 
     local script=$1 mp=$2 target=("$ROOT/$1") mode=(--num_processes 1) cpu_env=()
     shift 2
     if [ -n "${ENGINE:-}" ]; then
-        mode=(--config_file "$ROOT/$ENGINE" --num_processes 1)
+        mode=(--config_file "$ROOT/$ENGINE" --num_processes 1 --main_process_port "${GPU_CHECK_PORT:-29500}")
         [ "$HAS_CUDA" = 1 ] || target=("$ROOT/tests/engine_on_cpu.py" "${target[@]}")
     fi
     if [ "$HAS_CUDA" != 1 ]; then
@@ -335,7 +344,8 @@ s_sdxl_memory() {  # LoRA, full and LoRA + second teacher copy at SDXL's shapes:
     if [ "$SMALL" = 1 ]; then
         echo "sdxl_memory: needs CUDA (a 2.6 B-parameter UNet)"; return 0
     fi
-    python3 benchmarks/lora_memory.py --sdxl_shape --resolution 1024 --train_batch_size 1 --steps 6 \
+    wait_for_big_teachers || return 1
+    python3 benchmarks/lora_memory.py --teacher "$W/big_sdxl" --resolution 1024 --train_batch_size 1 --steps 6 \
         --mixed_precision fp16
 }
 s_sd35_memory() {  # LoRA (the teacher shares the student's transformer) and LoRA + a second teacher copy at SD3.5
@@ -343,9 +353,37 @@ s_sd35_memory() {  # LoRA (the teacher shares the student's transformer) and LoR
     if [ "$SMALL" = 1 ]; then
         echo "sd35_memory: needs CUDA (an 8.1 B-parameter transformer)"; return 0
     fi
-    python3 benchmarks/lora_memory.py --sd35_large_shape --resolution 1024 --train_batch_size 1 --steps 4 \
+    wait_for_big_teachers || return 1
+    python3 benchmarks/lora_memory.py --teacher "$W/big_sd35" --resolution 1024 --train_batch_size 1 --steps 4 \
         --mixed_precision bf16 --configs lora lora_second_teacher
 }
+# The SDXL- and SD3.5 Large-shaped random teachers (2.6 B and 8.1 B parameters) are built in the background while
+# the GPU runs the throughput rows: initialised on the GPU (minutes on a CPU) and stored in half precision (the
+# SDXL one in fp16: 5 GB, not 10; SD3.5 in bf16: 16 GB), as the disk also holds the benchmarks' runs.
+build_big_teachers() {
+    [ "$SMALL" = 1 ] && return 0
+    [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || python3 -c "
+import os, sys, torch
+sys.path.insert(0, os.path.join(os.environ['ROOT'], 'benchmarks'))
+from lora_memory import build_sdxl_shaped_teacher
+torch.set_default_device('cuda')
+torch.set_default_dtype(torch.float16)
+build_sdxl_shaped_teacher(os.path.join(os.environ['W'], 'big_sdxl'))
+" || return 1
+    [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || python3 -c "
+import os, sys, torch
+sys.path.insert(0, os.path.join(os.environ['ROOT'], 'benchmarks'))
+from lora_memory import build_sd3_shaped_teacher
+torch.set_default_device('cuda')
+build_sd3_shaped_teacher(os.path.join(os.environ['W'], 'big_sd35'))
+"
+}
+wait_for_big_teachers() {
+    while [ ! -e "$W/big_teachers.rc" ]; do sleep 2; done
+    cat "$W/big_teachers.log"
+    [ "$(cat "$W/big_teachers.rc")" = 0 ] || { echo "building the big teachers failed"; return 1; }
+}
+
 s_batching() {
     if [ "$SMALL" = 1 ]; then
         python3 benchmarks/teacher_batching.py --unet_channels 32,64 --layers_per_block 2 --cross_attention_dim 64 \
@@ -380,13 +418,24 @@ s_throughput() {
             --rows on_the_fly precomputed precomputed_log_every_step --json "$OUT/throughput.json"
     else
         python3 benchmarks/throughput.py --sd15_shape --resolution 512 --train_batch_size 8 --mixed_precision fp16 \
-            --steps 14 --warmup 5 --repeats 5 --dataloader_num_workers 4 --json "$OUT/throughput.json" \
+            --steps 12 --warmup 4 --repeats 3 --dataloader_num_workers 4 --json "$OUT/throughput.json" \
             --rows on_the_fly precomputed precomputed_channels_last precomputed_torch_compile precomputed_teacher_fp32 \
                 precomputed_log_every_step
     fi 2>&1 | tee "$W/throughput.log"
 }
 export -f step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
-    s_losses s_sample s_lora_memory s_sdxl_memory s_sd35_memory s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
+    s_losses s_sample s_lora_memory s_sdxl_memory s_sd35_memory build_big_teachers wait_for_big_teachers s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
+
+lane() {  # lane NAME STEP...: run "name:limit:function" steps in order into $W/lane_NAME.{log,result}
+    local lane_name=$1
+    shift
+    ( RESULTS=()
+      for spec in "$@"; do
+          IFS=: read -r name limit fn <<< "$spec"
+          step "$name" "$limit" "$fn"
+      done > "$W/lane_$lane_name.log" 2>&1
+      printf '%s\n' "${RESULTS[@]}" > "$W/lane_$lane_name.result" )
+}
 
 main() {
     RESULTS=()
@@ -405,42 +454,42 @@ main() {
     export HAS_CUDA SMALL
     echo "HAS_CUDA=$HAS_CUDA SMALL=$SMALL$([ "$HAS_CUDA" = 1 ] || echo ' (no CUDA: mixed-precision runs use --mixed_precision no)')"
 
-    # The throughput benchmark runs alone first. The memory benchmark measures per-process peaks (CUDA peak
-    # allocation), so it runs in the background beside the training checks.
+    ( build_big_teachers > "$W/big_teachers.log" 2>&1; echo $? > "$W/big_teachers.rc" ) &
+    # The GPU benchmarks run alone first. The memory benchmark measures per-process peaks (CUDA peak allocation),
+    # so it then runs beside the training checks, which run in five lanes at once (tiny models: their time is
+    # process start-up, not the GPU). The FSDP and DeepSpeed lanes open process groups, each on its own port.
     step teacher_batching 90 s_batching
     step throughput 240 s_throughput
-    ( RESULTS=(); step lora_memory 180 s_lora_memory > "$W/lora_memory.log" 2>&1
-      [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || step sdxl_memory 420 s_sdxl_memory >> "$W/lora_memory.log" 2>&1
-      [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || step sd35_memory 480 s_sd35_memory >> "$W/lora_memory.log" 2>&1
-      printf '%s\n' "${RESULTS[@]}" > "$W/lora_memory.result" ) &
-    local bench_pid=$!
+    local memory=(lora_memory:180:s_lora_memory)
+    [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || memory+=(sdxl_memory:420:s_sdxl_memory)
+    [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || memory+=(sd35_memory:480:s_sd35_memory)
+    lane memory "${memory[@]}" &
 
     step assets 45 s_assets
-    step full_fp16_train+resume 100 s_full_fp16
-    step full_bf16_train+resume 100 s_full_bf16
-    step lora_fp16_train 60 s_lora_fp16
-    step losses_finite 30 s_losses
-    step sample_stock_pipelines 60 s_sample
-    step sdxl_fp16_train+sample 120 s_sdxl_fp16
-    step sd3_bf16_train+sample 120 s_sd3_bf16
-    step sync_free_step 90 s_sync
-    step fsdp_train+resume+sample 150 s_fsdp
-    step deepspeed_train+resume+sample 200 s_deepspeed
+    lane sd full_fp16_train+resume:100:s_full_fp16 full_bf16_train+resume:100:s_full_bf16 \
+        lora_fp16_train:60:s_lora_fp16 losses_finite:30:s_losses sample_stock_pipelines:60:s_sample &
+    lane sdxl sdxl_fp16_train+sample:200:s_sdxl_fp16 sync_free_step:150:s_sync &
+    lane sd3 sd3_bf16_train+sample:200:s_sd3_bf16 &
+    GPU_CHECK_PORT=29511 lane fsdp fsdp_train+resume+sample:240:s_fsdp &
+    GPU_CHECK_PORT=29522 lane deepspeed deepspeed_train+resume+sample:360:s_deepspeed &
+    wait
+    for name in sd sdxl sd3 fsdp deepspeed memory; do
+        echo
+        echo "=== lane $name"
+        cat "$W/lane_$name.log"
+        mapfile -t -O "${#RESULTS[@]}" RESULTS < "$W/lane_$name.result" 2>/dev/null \
+            || RESULTS+=("FAIL lane $name (no result)")
+    done
     for pair in full_fp16:25 full_bf16:25 lora_fp16:20; do
         local src=$W/${pair%%:*}/validation/step-0000${pair##*:}.png
         [ -f "$src" ] && cp "$src" "$OUT/val_${pair%%:*}.png"
     done
-
-    echo
-    echo "=== waiting for lora_memory (started in the background after teacher_batching; at ${SECONDS}s)"
-    wait "$bench_pid"
-    cat "$W/lora_memory.log"
-    mapfile -t -O "${#RESULTS[@]}" RESULTS < "$W/lora_memory.result" 2>/dev/null \
-        || RESULTS+=("FAIL lora_memory (no result)")
+    # At most eight files come back from some machines: the images travel as one archive.
+    (cd "$OUT" && ls ./*.png > /dev/null 2>&1 && tar cf images.tar ./*.png && rm -f ./*.png)
 
     echo
     echo "=== figures"
-    grep -A4 "^UNet parameters" "$W/lora_memory.log" || echo "(no lora_memory tables)"
+    grep -A4 "^UNet parameters" "$W/lane_memory.log" || echo "(no lora_memory tables)"
     grep -A3 "^device " "$W/batching.log" 2>/dev/null || echo "(no teacher_batching figures)"
     grep -A9 " script; UNet" "$W/throughput.log" 2>/dev/null || echo "(no throughput table)"
     echo "=== summary (total ${SECONDS}s, HAS_CUDA=$HAS_CUDA, SMALL=$SMALL)"
