@@ -12,7 +12,7 @@
 #
 # Writes $OUT/gpu_check.log (everything) and $OUT/images.tar: samples.png (stock-pipeline samples of each SD output,
 # 8x upscaled), sample_*.png (scripts/sample.py on the other outputs) and val_*.png (the runs' validation grids).
-# Each step prints PASS or FAIL; a failed step does not stop the others. The training checks run in three lanes at
+# Each step prints PASS or FAIL; a failed step does not stop the others. The training checks run in five lanes at
 # once beside the memory benchmarks. Wheels in .whl/ (diffusers, webdataset, deepspeed, ...) are installed to
 # /tmp/site first when present, unless GPU_CHECK_NO_WHEELS=1. Without CUDA (a dry run of the plumbing on CPU) the
 # mixed-precision runs use --mixed_precision no and the benchmarks use small shapes; GPU_CHECK_SMALL=1 picks the
@@ -28,10 +28,14 @@ BUDGET=${GPU_CHECK_BUDGET:-600}  # seconds for all steps; a step is cut to what 
 # builds the tiny teacher and shards most training steps read).
 DEADLINE=$((SECONDS + BUDGET))
 
+selected() {  # selected NAME: the step is to run (GPU_CHECK_ONLY unset, or its name matches)
+    [ -z "${GPU_CHECK_ONLY:-}" ] || [[ $1 =~ $GPU_CHECK_ONLY ]]
+}
+
 step() {  # step NAME LIMIT_S FUNCTION: run FUNCTION under a time limit, print PASS/FAIL, never stop the script
     local name=$1 limit=$2 fn=$3 t0=$SECONDS rc left=$((DEADLINE - SECONDS))
     echo
-    if [ -n "${GPU_CHECK_ONLY:-}" ] && ! [[ $name =~ $GPU_CHECK_ONLY ]]; then
+    if ! selected "$name"; then
         RESULTS+=("SKIP $name (not in GPU_CHECK_ONLY)")
         return
     fi
@@ -362,7 +366,7 @@ s_sd35_memory() {  # LoRA (the teacher shares the student's transformer) and LoR
 # SDXL one in fp16: 5 GB, not 10; SD3.5 in bf16: 16 GB), as the disk also holds the benchmarks' runs.
 build_big_teachers() {
     [ "$SMALL" = 1 ] && return 0
-    [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || python3 -c "
+    [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || ! selected sdxl_memory || python3 -c "
 import os, sys, torch
 sys.path.insert(0, os.path.join(os.environ['ROOT'], 'benchmarks'))
 from lora_memory import build_sdxl_shaped_teacher
@@ -370,7 +374,7 @@ torch.set_default_device('cuda')
 torch.set_default_dtype(torch.float16)
 build_sdxl_shaped_teacher(os.path.join(os.environ['W'], 'big_sdxl'))
 " || return 1
-    [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || python3 -c "
+    [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || ! selected sd35_memory || python3 -c "
 import os, sys, torch
 sys.path.insert(0, os.path.join(os.environ['ROOT'], 'benchmarks'))
 from lora_memory import build_sd3_shaped_teacher
@@ -423,7 +427,7 @@ s_throughput() {
                 precomputed_log_every_step
     fi 2>&1 | tee "$W/throughput.log"
 }
-export -f step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
+export -f selected step launch tiny_flags train_and_resume s_fsdp s_deepspeed s_wheels s_versions s_assets s_full_fp16 s_full_bf16 s_lora_fp16 \
     s_losses s_sample s_lora_memory s_sdxl_memory s_sd35_memory build_big_teachers wait_for_big_teachers s_batching s_sdxl_fp16 s_sd3_bf16 s_sync s_throughput
 
 lane() {  # lane NAME STEP...: run "name:limit:function" steps in order into $W/lane_NAME.{log,result}
