@@ -197,7 +197,9 @@ def main():
             out = run([sys.executable, __file__, "--worker", args.script, str(args.warmup), str(args.repeats),
                        *train_args], env)
             results[row] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-            print(f"{row}: {results[row]['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+            # The whole row as it lands: a run cut short by a time limit still leaves its finished rows.
+            print(f"{row}: {results[row]['s_per_step']:.3f} s/step {json.dumps(results[row])}", file=sys.stderr,
+                  flush=True)
         from diffusers import UNet2DConditionModel
 
         params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").parameters())

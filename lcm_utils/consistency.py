@@ -426,5 +426,12 @@ def ema_update(target_params: Iterable[torch.Tensor], online_params: Iterable[to
     # lerp(target, online, 1 - decay) = target + (1 - decay)(online - target): exact at decay 0 and 1.
     if gate is None:
         torch._foreach_lerp_(targets, onlines, 1.0 - decay)
-    else:
-        torch._foreach_lerp_(targets, onlines, (gate * (1.0 - decay)).to(targets[0].device, targets[0].dtype))
+        return
+    # _foreach_lerp_ has no tensor-weight form: it would read the gate into a Python number, a host-device wait
+    # every step (scripts/sync_check.py caught it on a GPU). Tensor.lerp_ takes the weight as a device scalar.
+    weight, cast = gate * (1.0 - decay), {}
+    for target, online in zip(targets, onlines):
+        key = (target.device, target.dtype)
+        if key not in cast:
+            cast[key] = weight.to(*key)
+        target.lerp_(online, cast[key])

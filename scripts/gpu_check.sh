@@ -463,7 +463,7 @@ main() {
     # so it then runs beside the training checks, which run in five lanes at once (tiny models: their time is
     # process start-up, not the GPU). The FSDP and DeepSpeed lanes open process groups, each on its own port.
     step teacher_batching 90 s_batching
-    step throughput 240 s_throughput
+    step throughput 360 s_throughput
     local memory=(lora_memory:180:s_lora_memory)
     [ "${GPU_CHECK_NO_SDXL:-0}" = 1 ] || memory+=(sdxl_memory:420:s_sdxl_memory)
     [ "${GPU_CHECK_NO_SD35:-0}" = 1 ] || memory+=(sd35_memory:480:s_sd35_memory)

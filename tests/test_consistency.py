@@ -325,6 +325,22 @@ def test_ema_update_half_target_float_online():
         torch.testing.assert_close(t, (0.95 * b.float() + 0.05 * o).half(), atol=2e-3, rtol=2e-3)
 
 
+def test_ema_update_gate_is_decided_on_the_device():
+    """Gate 1 is the plain update bit for bit, gate 0 leaves the target as it was, mixed dtypes included; and the
+    gate is never read on the host: on the meta device (no values to read) the update still runs."""
+    online = params(10) + [randn(4, seed=30, dtype=torch.float16)]
+    plain, gated, closed = (params(0) + [randn(4, seed=20, dtype=torch.float16)] for _ in range(3))
+    ema_update(plain, online, 0.9)
+    ema_update(gated, online, 0.9, gate=torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(gated[:2], plain[:2]))
+    torch.testing.assert_close(gated[2], plain[2], atol=1e-3, rtol=0)  # fp16: the weight's own rounding
+    before = [t.clone() for t in closed]
+    ema_update(closed, online, 0.9, gate=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(closed, before))
+    meta = [torch.empty(3, device="meta"), torch.empty(2, device="meta", dtype=torch.float16)]
+    ema_update(meta, [torch.empty_like(t) for t in meta], 0.9, gate=torch.ones((), device="meta"))
+
+
 def test_ema_update_rejects_mismatch():
     with pytest.raises(ValueError):
         ema_update(params(0), params(0)[:1], 0.9)
