@@ -6,7 +6,8 @@ Per step: the student's consistency prediction (fake) and a real sample are nois
 pair's phase (objective.adversarial_span); the generator term weight * hinge_G(D(fake)) joins the consistency loss
 (its gradient reaches the student through the fake, never the backbone or the heads), and the heads take one hinge
 step on the same features, detached. Real is the consistency target noised the same way ("target", PCM's choice)
-or the data latents noised to u ("data", LADD's and SDXL-Lightning's).
+or the data latents noised to u ("data", LADD's and SDXL-Lightning's). u is uniform over the span, or with
+--adv_timesteps low skewed towards its lower end (little noise added: the discriminator sees the sample's detail).
 
 The heads and their AdamW stay out of the engine (DDP, FSDP, DeepSpeed): they are small, built identically on every
 process from the seed, and their gradients are averaged across processes here, so one path serves every engine.
@@ -24,6 +25,7 @@ from .checkpoint import load_tensors, load_torch, save_tensors, save_torch
 from .consistency import hinge_discriminator_loss, hinge_generator_loss
 
 REAL_SOURCES = ("target", "data")  # --adv_real
+TIME_POWERS = {"uniform": 1.0, "low": 3.0}  # --adv_timesteps: u = low + (high - low) r^power, r ~ U[0, 1)
 HEADS_FILE, OPTIMIZER_FILE = "discriminator_heads.safetensors", "discriminator_optimizer.pt"
 ADAM_BETAS = (0.0, 0.999)  # PCM's discriminator AdamW: no first-moment smoothing, as GANs usually train
 GROUPS = 32  # GroupNorm groups of a head (fewer when its width is not a multiple)
@@ -68,10 +70,14 @@ class Adversary:
 
     call(z, t, cond) runs the backbone (the method's teacher pass); every tap's module must belong to it."""
 
-    def __init__(self, call, taps, weight, real, lr, weight_decay, device, seed, num_processes=1, eps=1e-8):
+    def __init__(self, call, taps, weight, real, lr, weight_decay, device, seed, num_processes=1, eps=1e-8,
+                 timesteps="uniform"):
         if real not in REAL_SOURCES:
             raise ValueError(f"real must be one of {REAL_SOURCES}, got {real!r}")
+        if timesteps not in TIME_POWERS:
+            raise ValueError(f"timesteps must be one of {tuple(TIME_POWERS)}, got {timesteps!r}")
         self.call, self.taps, self.weight, self.real = call, list(taps), weight, real
+        self.time_power = TIME_POWERS[timesteps]
         self.num_processes = num_processes
         with torch.random.fork_rng(devices=[]):  # the same heads on every process; the run's RNG untouched
             torch.manual_seed(seed)
@@ -116,7 +122,7 @@ class Adversary:
         """(weight * hinge_G(D(fake)), hinge_D(D(real), D(fake))) for a ConsistencyPair: the first joins the
         student's loss, the second is the heads' loss (call backward())."""
         low, high = objective.adversarial_span(pair.start, pair.point, schedule)
-        u = schedule.draw_times(low, high, generator)
+        u = schedule.draw_times(low, high, generator, self.time_power)
         noise_fake, noise_real = (torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
                                   for _ in range(2))
         fake = schedule.renoise(pair.pred.float(), pair.point, u, noise_fake)

@@ -111,10 +111,11 @@ class SolverSchedule(Schedule):
     def edges_for(self, num_phases):
         return phase_edges(self.grid.cpu(), num_phases)
 
-    def draw_times(self, low, high, generator):
-        """A timestep u ~ U{low, ..., high - 1} per sample (low where high = low): [B], [B] -> [B] long."""
+    def draw_times(self, low, high, generator, power=1.0):
+        """A timestep u ~ U{low, ..., high - 1} per sample (low where high = low): [B], [B] -> [B] long. power > 1
+        draws low + (high - low) r^power instead: skewed towards low (mean at 1/(power + 1) of the span)."""
         r = torch.rand(low.shape, generator=generator, device=generator.device).to(low.device)
-        return low + (r * (high - low).float()).long()
+        return low + ((r if power == 1.0 else r ** power) * (high - low).float()).long()
 
 
 @dataclass
@@ -158,10 +159,10 @@ class FlowSchedule(Schedule):
     def edges_for(self, num_phases):
         return flow_phase_edges(num_phases, self.shift, self.num_train_timesteps, self.sigma_max, self.sigma_min)
 
-    def draw_times(self, low, high, generator):
-        """A time u ~ U[low, high) per sample: [B], [B] -> [B] float."""
+    def draw_times(self, low, high, generator, power=1.0):
+        """A time u ~ U[low, high) per sample: [B], [B] -> [B] float (power > 1: low + (high - low) r^power)."""
         r = torch.rand(low.shape, generator=generator, device=generator.device).to(low.device)
-        return low + r * (high - low)
+        return low + (r if power == 1.0 else r ** power) * (high - low)
 
 
 SCHEDULES = {"diffusion": SolverSchedule, "flow": FlowSchedule}

@@ -73,6 +73,12 @@ def test_adversarial_times_lie_inside_the_phase(make_schedule):
     u = schedule.draw_times(low, high, g)
     assert (u >= low).all() and (u < high).all() and u.dtype == start.dtype
     assert len(torch.unique(u)) > 50
+    # --adv_timesteps low: u = low + (high - low) r^3 stays in the span, its mean at a quarter of it (uniform: half)
+    position = {power: ((schedule.draw_times(low, high, g, power) - low).double() / (high - low).double()).mean()
+                for power in (1.0, 3.0)}
+    assert position[1.0] == pytest.approx(0.5, abs=0.05) and position[3.0] == pytest.approx(0.25, abs=0.05)
+    skewed = schedule.draw_times(low, high, g, 3.0)
+    assert (skewed >= low).all() and (skewed < high).all() and skewed.dtype == start.dtype
     low, high = LCM().adversarial_span(start, None, schedule)
     assert (low == 0).all() and (high == schedule.grid[-1]).all()
 
@@ -169,7 +175,7 @@ def heads(folder):
 
 
 @pytest.mark.parametrize("script,flags", [
-    ("train_lcm_distill.py", dict(objective="pcm", adv_real="data")),
+    ("train_lcm_distill.py", dict(objective="pcm", adv_real="data", adv_timesteps="low")),
     ("train_lcm_lora.py", dict(lora_rank=4, lora_alpha=8, ema_decay=0.9, gradient_accumulation_steps=2,
                                mixed_precision="bf16")),
 ])
@@ -216,7 +222,7 @@ def test_the_term_changes_training_and_turns_on_at_a_resume(assets, tmp_path):
     check_ok(launch("train_lcm_distill.py", base_args(assets, plain, max_train_steps=2, checkpointing_steps=2)))
     result = launch("train_lcm_distill.py", base_args(assets, adv, max_train_steps=2, logging_steps=1, **ADV))
     check_ok(result)
-    assert "an adversarial term (weight 0.5, real: target)" in result.stdout
+    assert "an adversarial term (weight 0.5, real: target, times: uniform)" in result.stdout
     assert "d_loss=" in result.stdout + result.stderr
     x, y = (load_file(os.path.join(run, "unet", "diffusion_pytorch_model.safetensors")) for run in (plain, adv))
     assert any(not torch.equal(x[k], y[k]) for k in x)

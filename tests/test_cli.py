@@ -58,6 +58,7 @@ def with_flags(argv, **flags):
     (dict(adv_weight=-0.1), "--adv_weight must be >= 0"),
     (dict(adv_weight=0.1, adv_lr=0), "--adv_lr must be positive"),
     (dict(adv_real="fake"), "--adv_real"),
+    (dict(adv_timesteps="high"), "--adv_timesteps"),
 ])
 def test_bad_flags_fail_fast(args, capsys, flags, expected):
     err = error_of(with_flags(args, **flags), capsys)

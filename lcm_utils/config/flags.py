@@ -193,6 +193,10 @@ def add_consistency_flags(parser):
                    help="What the discriminator takes as real: the consistency target noised like the student's "
                         "prediction (target, PCM's choice) or the training latents noised to the same time (data, "
                         "LADD's and SDXL-Lightning's).")
+    g.add_argument("--adv_timesteps", type=str, default="uniform", choices=("uniform", "low"),
+                   help="Where in the span the adversarial term noises to (inside the phase for PCM, from the origin "
+                        "to the top of the grid for LCM and TCD): uniform, or low (u = low + (high - low) r^3: "
+                        "mostly little noise, so the discriminator sees detail).")
 
 
 def add_output_flags(parser):
