@@ -8,6 +8,9 @@ pair's phase (objective.adversarial_span); the generator term weight * hinge_G(D
 step on the same features, detached. Real is the consistency target noised the same way ("target", PCM's choice)
 or the data latents noised to u ("data", LADD's and SDXL-Lightning's). u is uniform over the span, or with
 --adv_timesteps low skewed towards its lower end (little noise added: the discriminator sees the sample's detail).
+With --adv_fake x0 the fake is instead the student's clean estimate at the interval's start, noised from 0 to a
+time anywhere on the schedule, and real is the data noised alike (LADD's discriminator sees the generator's
+renoised clean output): u can then be small for every pair, not only in the lowest phase.
 
 The heads and their AdamW stay out of the engine (DDP, FSDP, DeepSpeed): they are small, built identically on every
 process from the seed, and their gradients are averaged across processes here, so one path serves every engine.
@@ -25,6 +28,7 @@ from .checkpoint import load_tensors, load_torch, save_tensors, save_torch
 from .consistency import hinge_discriminator_loss, hinge_generator_loss
 
 REAL_SOURCES = ("target", "data")  # --adv_real
+FAKE_SOURCES = ("prediction", "x0")  # --adv_fake
 TIME_POWERS = {"uniform": 1.0, "low": 3.0}  # --adv_timesteps: u = low + (high - low) r^power, r ~ U[0, 1)
 HEADS_FILE, OPTIMIZER_FILE = "discriminator_heads.safetensors", "discriminator_optimizer.pt"
 ADAM_BETAS = (0.0, 0.999)  # PCM's discriminator AdamW: no first-moment smoothing, as GANs usually train
@@ -71,9 +75,12 @@ class Adversary:
     call(z, t, cond) runs the backbone (the method's teacher pass); every tap's module must belong to it."""
 
     def __init__(self, call, taps, weight, real, lr, weight_decay, device, seed, num_processes=1, eps=1e-8,
-                 timesteps="uniform"):
+                 timesteps="uniform", fake="prediction"):
         if real not in REAL_SOURCES:
             raise ValueError(f"real must be one of {REAL_SOURCES}, got {real!r}")
+        if fake not in FAKE_SOURCES or (fake == "x0" and real != "data"):
+            raise ValueError(f"fake must be one of {FAKE_SOURCES} (x0 with real 'data'), got {fake!r}")
+        self.fake = fake
         if timesteps not in TIME_POWERS:
             raise ValueError(f"timesteps must be one of {tuple(TIME_POWERS)}, got {timesteps!r}")
         self.call, self.taps, self.weight, self.real = call, list(taps), weight, real
@@ -121,11 +128,17 @@ class Adversary:
     def terms(self, pair, z0, cond, schedule, objective, generator):
         """(weight * hinge_G(D(fake)), hinge_D(D(real), D(fake))) for a ConsistencyPair: the first joins the
         student's loss, the second is the heads' loss (call backward())."""
-        low, high = objective.adversarial_span(pair.start, pair.point, schedule)
+        if self.fake == "x0":  # clean estimates: any time from the origin to the top of the grid
+            low, high = torch.zeros_like(pair.start), schedule.grid[-1].expand_as(pair.start)
+        else:
+            low, high = objective.adversarial_span(pair.start, pair.point, schedule)
         u = schedule.draw_times(low, high, generator, self.time_power)
         noise_fake, noise_real = (torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
                                   for _ in range(2))
-        fake = schedule.renoise(pair.pred.float(), pair.point, u, noise_fake)
+        if self.fake == "x0":
+            fake = schedule.renoise(pair.pred_x0.float(), None, u, noise_fake)
+        else:
+            fake = schedule.renoise(pair.pred.float(), pair.point, u, noise_fake)
         if self.real == "target":
             real = schedule.renoise(pair.target.float(), pair.point, u, noise_real)
         else:

@@ -317,12 +317,14 @@ def stack_conditions(cond, uncond):
 @dataclass
 class ConsistencyPair:
     """Both consistency predictions of a batch: pred (with grad) and target [B, C, h, w], the interval's start [B]
-    and the point both map to [B] (None: the origin)."""
+    and the point both map to [B] (None: the origin); pred_x0: the student's clean estimate at the start (with
+    grad; the adversarial term's fake under --adv_fake x0)."""
 
     pred: torch.Tensor
     target: torch.Tensor
     start: torch.Tensor
     point: torch.Tensor | None
+    pred_x0: torch.Tensor | None = None
 
 
 def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type, huber_c, generator, objective=None):
@@ -348,7 +350,8 @@ def consistency_pair(z0, cond, uncond, w, student, teacher, target, schedule, ge
     point = objective.target_points(start, end, schedule, generator)
     if point is not None:  # a phase edge between two grid points (flow PCM) stops the solver step at the edge
         end = torch.maximum(end, point)
-    pred = objective.consistency(schedule, student(z_start, start, cond, w), z_start, start, point)
+    raw_student = student(z_start, start, cond, w)
+    pred = objective.consistency(schedule, raw_student, z_start, start, point)
 
     with torch.no_grad():
         # 4. Teacher: one batched cond+uncond forward, CFG with w (LCM eq. 12), DDIM step (eta 0) s -> t.
@@ -362,4 +365,5 @@ def consistency_pair(z0, cond, uncond, w, student, teacher, target, schedule, ge
 
         # 5. Target consistency prediction f_theta-(z_t, w, c, t), to the same point.
         target_pred = objective.consistency(schedule, target(z_end, end, cond, w), z_end, end, point)
-    return ConsistencyPair(pred, target_pred, start, point)
+    pred_x0 = predicted_x0(raw_student.float(), z_start, alpha_s, sigma_s, schedule.prediction_type)
+    return ConsistencyPair(pred, target_pred, start, point, pred_x0)

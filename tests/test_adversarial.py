@@ -169,13 +169,47 @@ def test_the_generator_term_reaches_the_student_only_and_the_heads_learn_from_th
     assert numbers["adv/g_loss"] == pytest.approx(g_term.item() / 0.1)
     assert adversary.look() == {}  # reset at every look
 
+    # --adv_fake x0: the fake is the student's clean estimate (real: the data), so the term's gradient reaches the
+    # student through pred_x0 and not through the phase-edge prediction
+    x0_out = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(True)
+    student_out.grad = None
+    pair = ConsistencyPair(student_out * 1.0, pair.target, pair.start, pair.point, x0_out * 1.0)
+    adversary.fake, adversary.real = "x0", "data"
+    g_term, _ = adversary.terms(pair, torch.randn(2, 4, 8, 8, generator=g), cond, schedule, PCM(4), g)
+    g_term.backward()
+    assert student_out.grad is None and x0_out.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="x0 with real 'data'"):
+        Adversary(lambda *a: None, [], 0.1, "target", 1e-4, 0.0, torch.device("cpu"), seed=0, fake="x0")
+
+
+def test_the_pair_carries_the_students_clean_estimate():
+    """pred_x0 is the x0 read from the student's output at the start: with boundary scalings c_skip = 0 and
+    c_out = 1 (a huge timestep scaling) LCM's prediction is that same x0."""
+    from diffusers import DDPMScheduler
+
+    from lcm_utils.objectives import consistency_pair
+
+    schedule = SolverSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear"), 50, 1e9,
+                                             torch.device("cpu"))
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def net(z, t, cond, w):  # any function of its input will do
+        return torch.einsum("bchw,cd->bdhw", z, weight) + 0.1 * cond
+
+    z0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.ones(3, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    pair = consistency_pair(z0, cond, uncond, torch.full((3,), 5.0), net, lambda z, t, c: net(z, t, c, None), net,
+                            schedule, g)
+    torch.testing.assert_close(pair.pred_x0, pair.pred.float(), atol=1e-5, rtol=1e-5)
+
 
 def heads(folder):
     return load_file(os.path.join(folder, HEADS_FILE))
 
 
 @pytest.mark.parametrize("script,flags", [
-    ("train_lcm_distill.py", dict(objective="pcm", adv_real="data", adv_timesteps="low")),
+    ("train_lcm_distill.py", dict(objective="pcm", adv_real="data", adv_timesteps="low", adv_fake="x0")),
     ("train_lcm_lora.py", dict(lora_rank=4, lora_alpha=8, ema_decay=0.9, gradient_accumulation_steps=2,
                                mixed_precision="bf16")),
 ])
@@ -222,7 +256,7 @@ def test_the_term_changes_training_and_turns_on_at_a_resume(assets, tmp_path):
     check_ok(launch("train_lcm_distill.py", base_args(assets, plain, max_train_steps=2, checkpointing_steps=2)))
     result = launch("train_lcm_distill.py", base_args(assets, adv, max_train_steps=2, logging_steps=1, **ADV))
     check_ok(result)
-    assert "an adversarial term (weight 0.5, real: target, times: uniform)" in result.stdout
+    assert "an adversarial term (weight 0.5, real: target, fake: prediction, times: uniform)" in result.stdout
     assert "d_loss=" in result.stdout + result.stderr
     x, y = (load_file(os.path.join(run, "unet", "diffusion_pytorch_model.safetensors")) for run in (plain, adv))
     assert any(not torch.equal(x[k], y[k]) for k in x)

@@ -59,6 +59,7 @@ def with_flags(argv, **flags):
     (dict(adv_weight=0.1, adv_lr=0), "--adv_lr must be positive"),
     (dict(adv_real="fake"), "--adv_real"),
     (dict(adv_timesteps="high"), "--adv_timesteps"),
+    (dict(adv_fake="x0"), "--adv_fake x0 needs --adv_real data"),
 ])
 def test_bad_flags_fail_fast(args, capsys, flags, expected):
     err = error_of(with_flags(args, **flags), capsys)

@@ -93,6 +93,8 @@ def validate(args):
         raise ConfigError(f"--adv_weight must be >= 0 (0 turns the adversarial term off), got {args.adv_weight}")
     if args.adv_weight > 0 and not args.adv_lr > 0.0:
         raise ConfigError(f"--adv_lr must be positive, got {args.adv_lr}")
+    if args.adv_fake == "x0" and args.adv_real != "data":
+        raise ConfigError("--adv_fake x0 needs --adv_real data (the consistency target has no clean estimate)")
     if args.max_train_steps is None and args.train_shards_path_or_url and args.max_train_samples is None:
         raise ConfigError("--max_train_steps is required with webdataset shards unless --max_train_samples "
                           "sets the epoch length")

@@ -197,6 +197,10 @@ def add_consistency_flags(parser):
                    help="Where in the span the adversarial term noises to (inside the phase for PCM, from the origin "
                         "to the top of the grid for LCM and TCD): uniform, or low (u = low + (high - low) r^3: "
                         "mostly little noise, so the discriminator sees detail).")
+    g.add_argument("--adv_fake", type=str, default="prediction", choices=("prediction", "x0"),
+                   help="What the discriminator takes as fake: the consistency prediction at its point (prediction, "
+                        "PCM's choice) or the student's clean estimate x0 at the interval's start, noised to any "
+                        "time on the schedule (x0, LADD's way; needs --adv_real data).")
 
 
 def add_output_flags(parser):

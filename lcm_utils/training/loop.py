@@ -86,8 +86,8 @@ def train_loop(run, stop):
         run.log(f"the checkpoint is at step {state.step}, --max_train_steps is {max_train_steps}: nothing to train")
         finish(run, teacher, state.step)
         return 0
-    adversarial = f" and an adversarial term (weight {args.adv_weight:g}, real: {args.adv_real}, times: " \
-        f"{args.adv_timesteps})" if adversary else ""
+    adversarial = f" and an adversarial term (weight {args.adv_weight:g}, real: {args.adv_real}, fake: " \
+        f"{args.adv_fake}, times: {args.adv_timesteps})" if adversary else ""
     run.log(f"training {method.name}{objective.announcement}{adversarial}: {max_train_steps} steps, "
             f"{acc.num_processes} process(es), batch {args.train_batch_size} x accumulation "
             f"{args.gradient_accumulation_steps}, from step {state.step}")

@@ -100,7 +100,8 @@ def build_adversary(run, teacher):
 
     taps = teacher.family.discriminator_taps(method.discriminator_backbone())
     return Adversary(method.teacher_forward, taps, args.adv_weight, args.adv_real, args.adv_lr, args.adam_weight_decay,
-                     acc.device, args.seed, acc.num_processes, args.adam_epsilon, args.adv_timesteps)
+                     acc.device, args.seed, acc.num_processes, args.adam_epsilon, args.adv_timesteps,
+                     args.adv_fake)
 
 
 def make_optimizer(params, lr, args):
