@@ -128,17 +128,16 @@ class Adversary:
     def terms(self, pair, z0, cond, schedule, objective, generator):
         """(weight * hinge_G(D(fake)), hinge_D(D(real), D(fake))) for a ConsistencyPair: the first joins the
         student's loss, the second is the heads' loss (call backward())."""
-        if self.fake == "x0":  # clean estimates: any time from the origin to the top of the grid
+        if self.fake == "x0":  # a clean estimate: any time from the origin to the top of the grid
+            fake_at, fake_point = pair.student_x0(), None
             low, high = torch.zeros_like(pair.start), schedule.grid[-1].expand_as(pair.start)
         else:
+            fake_at, fake_point = pair.pred, pair.point
             low, high = objective.adversarial_span(pair.start, pair.point, schedule)
         u = schedule.draw_times(low, high, generator, self.time_power)
         noise_fake, noise_real = (torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
                                   for _ in range(2))
-        if self.fake == "x0":
-            fake = schedule.renoise(pair.pred_x0.float(), None, u, noise_fake)
-        else:
-            fake = schedule.renoise(pair.pred.float(), pair.point, u, noise_fake)
+        fake = schedule.renoise(fake_at.float(), fake_point, u, noise_fake)
         if self.real == "target":
             real = schedule.renoise(pair.target.float(), pair.point, u, noise_real)
         else:

@@ -15,6 +15,7 @@ networks come in as callables so full distillation and LCM-LoRA share this code:
 """
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -317,14 +318,14 @@ def stack_conditions(cond, uncond):
 @dataclass
 class ConsistencyPair:
     """Both consistency predictions of a batch: pred (with grad) and target [B, C, h, w], the interval's start [B]
-    and the point both map to [B] (None: the origin); pred_x0: the student's clean estimate at the start (with
-    grad; the adversarial term's fake under --adv_fake x0)."""
+    and the point both map to [B] (None: the origin); student_x0(): the student's clean estimate at the start (with
+    grad), computed only when asked for (the adversarial term's fake under --adv_fake x0)."""
 
     pred: torch.Tensor
     target: torch.Tensor
     start: torch.Tensor
     point: torch.Tensor | None
-    pred_x0: torch.Tensor | None = None
+    student_x0: Callable[[], torch.Tensor] | None = None
 
 
 def lcd_loss(z0, cond, uncond, w, student, teacher, target, schedule, loss_type, huber_c, generator, objective=None):
@@ -365,5 +366,5 @@ def consistency_pair(z0, cond, uncond, w, student, teacher, target, schedule, ge
 
         # 5. Target consistency prediction f_theta-(z_t, w, c, t), to the same point.
         target_pred = objective.consistency(schedule, target(z_end, end, cond, w), z_end, end, point)
-    pred_x0 = predicted_x0(raw_student.float(), z_start, alpha_s, sigma_s, schedule.prediction_type)
-    return ConsistencyPair(pred, target_pred, start, point, pred_x0)
+    return ConsistencyPair(pred, target_pred, start, point, lambda: predicted_x0(
+        raw_student.float(), z_start, alpha_s, sigma_s, schedule.prediction_type))

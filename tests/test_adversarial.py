@@ -170,10 +170,10 @@ def test_the_generator_term_reaches_the_student_only_and_the_heads_learn_from_th
     assert adversary.look() == {}  # reset at every look
 
     # --adv_fake x0: the fake is the student's clean estimate (real: the data), so the term's gradient reaches the
-    # student through pred_x0 and not through the phase-edge prediction
+    # student through its x0 and not through the phase-edge prediction
     x0_out = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(True)
     student_out.grad = None
-    pair = ConsistencyPair(student_out * 1.0, pair.target, pair.start, pair.point, x0_out * 1.0)
+    pair = ConsistencyPair(student_out * 1.0, pair.target, pair.start, pair.point, lambda: x0_out * 1.0)
     adversary.fake, adversary.real = "x0", "data"
     g_term, _ = adversary.terms(pair, torch.randn(2, 4, 8, 8, generator=g), cond, schedule, PCM(4), g)
     g_term.backward()
@@ -183,7 +183,7 @@ def test_the_generator_term_reaches_the_student_only_and_the_heads_learn_from_th
 
 
 def test_the_pair_carries_the_students_clean_estimate():
-    """pred_x0 is the x0 read from the student's output at the start: with boundary scalings c_skip = 0 and
+    """student_x0() is the x0 read from the student's output at the start: with boundary scalings c_skip = 0 and
     c_out = 1 (a huge timestep scaling) LCM's prediction is that same x0."""
     from diffusers import DDPMScheduler
 
@@ -201,7 +201,7 @@ def test_the_pair_carries_the_students_clean_estimate():
     cond, uncond = torch.ones(3, 1, 1, 1), torch.zeros(1, 1, 1, 1)
     pair = consistency_pair(z0, cond, uncond, torch.full((3,), 5.0), net, lambda z, t, c: net(z, t, c, None), net,
                             schedule, g)
-    torch.testing.assert_close(pair.pred_x0, pair.pred.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pair.student_x0(), pair.pred.float(), atol=1e-5, rtol=1e-5)
 
 
 def heads(folder):
